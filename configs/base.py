@@ -1,0 +1,77 @@
+"""Every field a user can change, with its default. Other configs start from `get_config()` here."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the default configuration (a mid-sized byte-level model on Shakespeare)."""
+    c = ml_collections.ConfigDict()
+    c.name = "base"  # run name; the default workdir is runs/<name>
+    c.seed = 0  # seed of parameter init and of the data order
+
+    c.model = m = ml_collections.ConfigDict()
+    m.vocab_size = 257  # 256 bytes + BOS; for token files, the tokenizer's vocabulary size
+    m.d_model = 256  # residual stream width
+    m.num_layers = 4  # transformer blocks
+    m.num_heads = 4  # attention heads; must divide d_model
+    m.d_ff = 1024  # MLP hidden width
+    m.max_len = 256  # longest sequence (learned positions table size); >= data.seq_len
+    m.norm = "rmsnorm"  # layernorm | rmsnorm | none
+    m.norm_placement = "pre"  # pre | post (norm before the sub-block or after the residual add)
+    m.norm_eps = 1e-6  # epsilon of the norms
+    m.mlp = "gelu"  # gelu | relu | swiglu
+    m.positions = "rope"  # rope | learned
+    m.rope_base = 10000.0  # RoPE base frequency
+    m.qk_norm = False  # RMS-normalise queries and keys per head before the score matmul
+    m.tie_embeddings = True  # unembedding uses the transposed token embedding
+    m.use_bias = False  # biases in every Linear
+    m.init_std = 0.02  # std of the normal init of kernels and embeddings
+    m.scan_layers = True  # nn.scan over identical blocks (fast compile); False: a Python loop
+    m.remat = "none"  # none | full | dots | dots_no_batch: what a block saves for the backward pass
+    m.param_dtype = "float32"  # float32 | bfloat16: parameters and optimizer state
+    m.compute_dtype = "float32"  # float32 | bfloat16: matmul inputs (accumulation is always float32)
+
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "shakespeare"  # shakespeare | synthetic | text (file or directory) | tokens (.bin)
+    d.path = ""  # file or directory for source=text or source=tokens
+    d.token_dtype = "uint16"  # element type of a tokens .bin file (nanoGPT writes uint16)
+    d.seq_len = 256  # tokens per training sequence
+    d.batch_size = 32  # global batch (sequences per step over all devices and hosts)
+    d.val_fraction = 0.05  # share of the corpus held out for validation (its tail)
+    d.synthetic_size = 2_000_000  # bytes of generated text for source=synthetic
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.name = "adamw"  # adamw | adam | sgd | lion | adafactor
+    o.lr = 1e-3  # peak learning rate
+    o.b1 = 0.9  # first-moment decay (adam, adamw, lion)
+    o.b2 = 0.95  # second-moment decay (adam, adamw, lion)
+    o.eps = 1e-8  # epsilon of adam/adamw
+    o.weight_decay = 0.1  # decoupled weight decay (adamw, lion, adafactor)
+    o.momentum = 0.9  # momentum of sgd (0 = plain sgd)
+    o.schedule = "cosine"  # cosine | constant (both after the linear warmup)
+    o.warmup_steps = 100  # linear warmup from 0 to lr
+    o.min_lr_ratio = 0.1  # final lr of the cosine as a fraction of lr
+    o.grad_clip = 1.0  # global-norm clipping threshold; 0 disables
+    o.z_loss = 0.0  # weight of the z-loss mean(logsumexp(logits)^2); 0 disables
+
+    c.train = t = ml_collections.ConfigDict()
+    t.num_steps = 2000  # optimizer steps in total (raise it to extend a finished run)
+    t.log_every = 20  # steps between metric lines
+    t.eval_every = 200  # steps between validation evaluations (and after the last step)
+    t.eval_batches = 8  # batches of the validation split per evaluation
+    t.progress_bar = True  # tqdm bar with ETA when stderr is a terminal
+    t.tensorboard = False  # also write TensorBoard event files to WORKDIR/tb (needs the [tb] extra)
+
+    c.checkpoint = k = ml_collections.ConfigDict()
+    k.every = 200  # steps between checkpoints (and always after the last step)
+    k.keep = 3  # newest train-state checkpoints kept
+    k.async_save = True  # write checkpoints in a background thread
+
+    c.mesh = s = ml_collections.ConfigDict()
+    s.data = -1  # devices on the data-parallel axis; -1: all devices not used by fsdp
+    s.fsdp = 1  # devices that shard parameters and optimizer state (ZeRO-3 style)
+    s.fsdp_min_size = 2**14  # parameters with fewer elements stay replicated
+    s.distributed = (
+        "auto"  # auto | on | off: call jax.distributed.initialize() (auto: if a cluster is detected)
+    )
+    return c

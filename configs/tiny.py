@@ -1,0 +1,31 @@
+"""Seconds-long runs for tests: two small layers on the synthetic corpus."""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the tiny test configuration."""
+    c = base.get_config()
+    c.name = "tiny"
+    c.model.d_model = 32
+    c.model.num_layers = 2
+    c.model.num_heads = 2
+    c.model.d_ff = 64
+    c.model.max_len = 32
+    c.data.source = "synthetic"
+    c.data.synthetic_size = 200_000
+    c.data.seq_len = 32
+    c.data.batch_size = 8
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 5
+    c.train.num_steps = 20
+    c.train.log_every = 5
+    c.train.eval_every = 10
+    c.train.eval_batches = 2
+    c.train.progress_bar = False
+    c.checkpoint.every = 10
+    c.checkpoint.keep = 2
+    c.mesh.fsdp_min_size = 256
+    return c

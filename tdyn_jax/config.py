@@ -1,0 +1,151 @@
+"""Checks a configuration before anything is compiled or written, with one clear line per mistake."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+
+CHOICES = {
+    "model.norm": ("layernorm", "rmsnorm", "none"),
+    "model.norm_placement": ("pre", "post"),
+    "model.mlp": ("gelu", "relu", "swiglu"),
+    "model.positions": ("rope", "learned"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("float32", "bfloat16"),
+    "data.source": ("shakespeare", "synthetic", "text", "tokens"),
+    "data.token_dtype": ("uint16", "uint32"),
+    "optim.name": ("adamw", "adam", "sgd", "lion", "adafactor"),
+    "optim.schedule": ("cosine", "constant"),
+    "mesh.distributed": ("auto", "on", "off"),
+}
+POSITIVE_INTS = (
+    "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.d_ff",
+    "model.max_len", "data.seq_len", "data.batch_size", "data.synthetic_size", "train.num_steps",
+    "train.log_every", "train.eval_every", "train.eval_batches", "checkpoint.every",
+    "checkpoint.keep", "mesh.fsdp",
+)  # fmt: skip
+# Fields that may change when a run is resumed; every other field must match the saved config.
+RESUMABLE_CHANGES = ("name", "train.", "checkpoint.", "mesh.")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message names the field and the fix."""
+
+
+def get(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
+    """Reads a dotted field such as 'model.d_model'."""
+    value = cfg
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raises ConfigError naming the first bad field; `num_devices` enables the mesh checks."""
+    for field, allowed in CHOICES.items():
+        if get(cfg, field) not in allowed:
+            raise ConfigError(
+                f"{field}={get(cfg, field)!r} is not one of {', '.join(allowed)}: pick one of them"
+            )
+    for field in POSITIVE_INTS:
+        value = get(cfg, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{field}={value!r} must be a positive integer")
+    m, d, o = cfg.model, cfg.data, cfg.optim
+    if m.d_model % m.num_heads:
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}: "
+            "choose num_heads that divides d_model"
+        )
+    if m.positions == "rope" and (m.d_model // m.num_heads) % 2:
+        raise ConfigError(
+            f"model.positions=rope needs an even head size, got d_model/num_heads="
+            f"{m.d_model // m.num_heads}: change num_heads or use positions=learned"
+        )
+    if d.seq_len > m.max_len:
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}: raise max_len or lower seq_len"
+        )
+    if d.source in ("shakespeare", "synthetic", "text") and m.vocab_size < 257:
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size} is too small for the byte tokenizer: use 257 or more"
+        )
+    if d.source in ("text", "tokens") and not d.path:
+        raise ConfigError(f"data.source={d.source} needs data.path: set --config.data.path=PATH")
+    if not 0.0 < d.val_fraction < 0.5:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 0.5)")
+    if not (isinstance(o.lr, int | float) and 0.0 < o.lr <= 1.0):
+        raise ConfigError(f"optim.lr={o.lr!r} must be a number in (0, 1]")
+    for field in ("optim.b1", "optim.b2", "optim.momentum"):
+        if not 0.0 <= get(cfg, field) < 1.0:
+            raise ConfigError(f"{field}={get(cfg, field)} must be in [0, 1)")
+    for field in ("optim.eps", "optim.weight_decay", "optim.grad_clip", "optim.z_loss"):
+        if get(cfg, field) < 0:
+            raise ConfigError(f"{field}={get(cfg, field)} must be >= 0")
+    if o.warmup_steps < 0 or o.warmup_steps >= cfg.train.num_steps:
+        raise ConfigError(
+            f"optim.warmup_steps={o.warmup_steps} must be in [0, train.num_steps="
+            f"{cfg.train.num_steps}): lower it"
+        )
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    if num_devices is not None:
+        validate_mesh(cfg, num_devices)
+
+
+def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+    """The (data, fsdp) mesh shape for `num_devices`, resolving data=-1."""
+    fsdp = cfg.mesh.fsdp
+    data = num_devices // fsdp if cfg.mesh.data == -1 else cfg.mesh.data
+    return data, fsdp
+
+
+def validate_mesh(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Checks that the mesh fits the devices and that the batch splits evenly over it."""
+    if cfg.mesh.data != -1 and cfg.mesh.data <= 0:
+        raise ConfigError(f"mesh.data={cfg.mesh.data} must be -1 (all devices) or positive")
+    if num_devices % cfg.mesh.fsdp:
+        raise ConfigError(
+            f"mesh.fsdp={cfg.mesh.fsdp} does not divide the {num_devices} devices: pick a divisor"
+        )
+    data, fsdp = mesh_shape(cfg, num_devices)
+    if data * fsdp != num_devices:
+        raise ConfigError(
+            f"mesh.data x mesh.fsdp = {data} x {fsdp} != {num_devices} devices: "
+            "set mesh.data=-1 to use all devices"
+        )
+    if cfg.data.batch_size % num_devices:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is not divisible by the {num_devices} devices: "
+            f"use a multiple of {num_devices}"
+        )
+
+
+def to_dict(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A plain JSON-able dict of the resolved config."""
+    return json.loads(cfg.to_json())
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_conflicts(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Fields that differ between a run's saved config and a new one and forbid resuming it."""
+    old_flat, new_flat = _flatten(saved), _flatten(new)
+    conflicts = []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        if key.startswith(RESUMABLE_CHANGES):
+            continue
+        if old_flat.get(key) != new_flat.get(key):
+            conflicts.append(f"{key}={old_flat.get(key)!r} (saved) vs {new_flat.get(key)!r}")
+    return conflicts

@@ -1,0 +1,71 @@
+"""Metric writers: WORKDIR/metrics.jsonl (cut back on resume), the log, optional TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+from absl import logging
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drops lines with step > last_step (written after the checkpoint a run resumes from)."""
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= last_step
+    ]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """Appends one JSON line per logged step; process 0 only."""
+
+    def __init__(self, workdir: Path, start_step: int, tensorboard: bool):
+        self.active = jax.process_index() == 0
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.tb = None
+        if not self.active:
+            return
+        truncate_jsonl(self.path, start_step)
+        self.file = self.path.open("a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(workdir) / "tb"), purge_step=start_step + 1)
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        """Records `values` for `step` in every sink."""
+        if not self.active:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in values.items()}}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        logging.info("step %d: %s", step, " ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        """Flushes and closes every sink."""
+        if not self.active:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,218 @@
+"""Train state, the jitted train and eval steps, and the training loop with checkpoint/resume."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from tqdm import tqdm
+
+from tdyn_jax import data as data_lib
+from tdyn_jax import sharding
+from tdyn_jax.checkpoint import Checkpoints, prepare_workdir
+from tdyn_jax.config import to_dict, validate
+from tdyn_jax.metrics import MetricsWriter
+from tdyn_jax.model import Transformer
+from tdyn_jax.optim import optimizer, schedule
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes from step to step on the devices."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, z_loss: float) -> tuple[jax.Array, dict]:
+    """Mean next-token cross-entropy plus z_loss * mean(log Z^2); returns (loss, parts)."""
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    ce = jnp.mean(log_z - target_logit)
+    zl = jnp.mean(log_z**2)
+    return ce + z_loss * zl, {"ce": ce, "log_z_sq": zl}
+
+
+def init_state(model: Transformer, tx: optax.GradientTransformation, seed: int, seq_len: int):
+    """A function of no arguments that builds the initial train state (for jit / eval_shape)."""
+
+    def init() -> TrainState:
+        tokens = jnp.zeros((1, seq_len), jnp.int32)
+        params = model.init(jax.random.key(seed), tokens)["params"]
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    return init
+
+
+def make_train_step(
+    model: Transformer, tx: optax.GradientTransformation, cfg: ml_collections.ConfigDict
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """One optimizer step: (state, batch) -> (new state, scalar metrics)."""
+    lr_fn = schedule(cfg.optim, cfg.train.num_steps)
+
+    def loss_fn(params: Any, batch: dict) -> tuple[jax.Array, dict]:
+        logits = model.apply({"params": params}, batch["inputs"])
+        return cross_entropy(logits, batch["targets"], cfg.optim.z_loss)
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            **parts,
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
+            "update_norm": optax.tree.norm(updates),
+            "lr": lr_fn(state.step),
+        }
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return step
+
+
+def make_eval_step(model: Transformer) -> Callable[[Any, dict], jax.Array]:
+    """Mean cross-entropy of a batch under `params`."""
+
+    def step(params: Any, batch: dict) -> jax.Array:
+        logits = model.apply({"params": params}, batch["inputs"])
+        return cross_entropy(logits, batch["targets"], 0.0)[1]["ce"]
+
+    return step
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (single-process runs)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+        if jax.process_count() == 1:  # multi-host: the Orbax preemption sync point handles SIGTERM
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        """Reinstalls the handlers that were there before."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
+    """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+    workdir = Path(workdir)
+    sharding.maybe_initialize_distributed(cfg.mesh.distributed)
+    validate(cfg, jax.device_count())
+    config = to_dict(cfg)
+    train_tokens, val_tokens = data_lib.load_splits(cfg.data, cfg.model.vocab_size)
+    pid, nproc = jax.process_index(), jax.process_count()
+    batches = data_lib.Batches(
+        train_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.seed, pid, nproc, "train"
+    )
+    val = data_lib.Batches(
+        val_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.seed + 1, pid, nproc, "validation"
+    )
+    prepare_workdir(workdir, config)
+
+    mesh = sharding.make_mesh(cfg)
+    model = Transformer(cfg.model)
+    tx = optimizer(cfg.optim, cfg.train.num_steps)
+    init = init_state(model, tx, cfg.seed, cfg.data.seq_len)
+    abstract = jax.eval_shape(init)
+    state_sharding = sharding.state_shardings(abstract, mesh, cfg.mesh.fsdp_min_size)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    ckpt = Checkpoints(workdir, cfg.checkpoint)
+    latest = ckpt.latest_step()
+    if latest is None:
+        state = jax.jit(init, out_shardings=state_sharding)()
+    else:
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
+        )
+        state, data_state = ckpt.restore(latest, target)
+        batches.restore(data_state)
+        logging.info("resumed %s from step %d", workdir, latest)
+    start = int(state.step)
+
+    train_step = jax.jit(
+        make_train_step(model, tx, cfg),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, None),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(make_eval_step(model), in_shardings=(state_sharding.params, batch_sharding))
+    val_batches = [val.batch(i) for i in range(cfg.train.eval_batches)]
+
+    def evaluate(params: Any) -> float:
+        losses = [eval_step(params, sharding.global_batch(b, mesh)) for b in val_batches]
+        return float(np.mean(jax.device_get(losses)))
+
+    writer = MetricsWriter(workdir, start, cfg.train.tensorboard)
+    stop = StopRequest()
+    bar = tqdm(
+        total=cfg.train.num_steps,
+        initial=start,
+        disable=not (cfg.train.progress_bar and sys.stderr.isatty()),
+        dynamic_ncols=True,
+    )
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    last: dict[str, float] = {}
+    compile_s: dict[str, float] = {}  # reported once, on the first logged line
+    interval_start, interval_steps, pending = time.perf_counter(), 0, []
+    try:
+        for step in range(start, cfg.train.num_steps):
+            state, metrics = train_step(state, sharding.global_batch(next(batches), mesh))
+            done = step + 1
+            pending.append(metrics)
+            interval_steps += 1
+            if done == start + 1:  # exclude compilation from the throughput figures
+                jax.block_until_ready(metrics)
+                compile_s["compile_s"] = time.perf_counter() - interval_start
+                interval_start, interval_steps = time.perf_counter(), 0
+            bar.update(1)
+            stopping = stop.signal is not None or ckpt.reached_preemption(done)
+            final = done == cfg.train.num_steps or stopping
+            if done % cfg.train.log_every == 0 or done % cfg.train.eval_every == 0 or final:
+                fetched = jax.device_get(pending)
+                elapsed = time.perf_counter() - interval_start
+                row = {k: float(v) for k, v in fetched[-1].items()}
+                row["loss_avg"] = float(np.mean([m["loss"] for m in fetched]))
+                if interval_steps:
+                    row["step_time_s"] = elapsed / interval_steps
+                    row["tokens_per_s"] = tokens_per_step * interval_steps / elapsed
+                if done % cfg.train.eval_every == 0 or done == cfg.train.num_steps:
+                    row["val_loss"] = evaluate(state.params)
+                    row["val_ppl"] = float(np.exp(row["val_loss"]))
+                row.update(compile_s)
+                compile_s = {}
+                writer.write(done, row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+                last.update(row)
+                pending, interval_steps = [], 0
+                interval_start = time.perf_counter()
+            if done % cfg.checkpoint.every == 0 or final:
+                ckpt.save(done, state, batches.state, config)
+            if stopping:
+                logging.warning("stop requested at step %d: checkpoint saved, exiting", done)
+                break
+    finally:
+        bar.close()
+        stop.restore()
+        ckpt.close()
+        writer.close()
+    return last

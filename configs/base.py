@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.eval_batches = 8  # batches of the validation split per evaluation
     t.progress_bar = True  # tqdm bar with ETA when stderr is a terminal
     t.tensorboard = False  # also write TensorBoard event files to WORKDIR/tb (needs the [tb] extra)
+    t.compilation_cache = True  # keep compiled steps in <cache dir>/xla: resumes and reruns skip compiling
 
     c.checkpoint = k = ml_collections.ConfigDict()
     k.every = 200  # steps between checkpoints (and always after the last step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import time
@@ -16,6 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from tdyn_jax import data as data_lib
@@ -112,6 +114,38 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """The compiled pieces of a run on a mesh: initial state, train step, eval step, shardings."""
+
+    model: Transformer
+    init: Callable[[], TrainState]  # jitted, returns the sharded initial state
+    abstract_state: Any  # ShapeDtypeStructs carrying the state shardings (restore target)
+    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]  # jitted, donates the state
+    eval_step: Callable[[Any, dict], jax.Array]  # jitted mean cross-entropy
+
+
+def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Program:
+    """Model, optimizer and jitted steps for `cfg`, laid out on `mesh`."""
+    model = Transformer(cfg.model)
+    tx = optimizer(cfg.optim, cfg.train.num_steps)
+    init = init_state(model, tx, cfg.seed, cfg.data.seq_len)
+    shapes = jax.eval_shape(init)
+    state_sharding = sharding.state_shardings(shapes, mesh, cfg.mesh.fsdp_min_size)
+    batch_sharding = sharding.batch_sharding(mesh)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sharding
+    )
+    train_step = jax.jit(
+        make_train_step(model, tx, cfg),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, None),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(make_eval_step(model), in_shardings=(state_sharding.params, batch_sharding))
+    return Program(model, jax.jit(init, out_shardings=state_sharding), abstract, train_step, eval_step)
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
     workdir = Path(workdir)
@@ -127,39 +161,25 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
         val_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.seed + 1, pid, nproc, "validation"
     )
     prepare_workdir(workdir, config)
+    if cfg.train.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", str(data_lib.cache_dir() / "xla"))
 
     mesh = sharding.make_mesh(cfg)
-    model = Transformer(cfg.model)
-    tx = optimizer(cfg.optim, cfg.train.num_steps)
-    init = init_state(model, tx, cfg.seed, cfg.data.seq_len)
-    abstract = jax.eval_shape(init)
-    state_sharding = sharding.state_shardings(abstract, mesh, cfg.mesh.fsdp_min_size)
-    batch_sharding = sharding.batch_sharding(mesh)
-
+    program = build(cfg, mesh)
     ckpt = Checkpoints(workdir, cfg.checkpoint)
     latest = ckpt.latest_step()
     if latest is None:
-        state = jax.jit(init, out_shardings=state_sharding)()
+        state = program.init()
     else:
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
-        )
-        state, data_state = ckpt.restore(latest, target)
+        state, data_state = ckpt.restore(latest, program.abstract_state)
         batches.restore(data_state)
         logging.info("resumed %s from step %d", workdir, latest)
     start = int(state.step)
 
-    train_step = jax.jit(
-        make_train_step(model, tx, cfg),
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, None),
-        donate_argnums=0,
-    )
-    eval_step = jax.jit(make_eval_step(model), in_shardings=(state_sharding.params, batch_sharding))
     val_batches = [val.batch(i) for i in range(cfg.train.eval_batches)]
 
     def evaluate(params: Any) -> float:
-        losses = [eval_step(params, sharding.global_batch(b, mesh)) for b in val_batches]
+        losses = [program.eval_step(params, sharding.global_batch(b, mesh)) for b in val_batches]
         return float(np.mean(jax.device_get(losses)))
 
     writer = MetricsWriter(workdir, start, cfg.train.tensorboard)
@@ -176,7 +196,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
     interval_start, interval_steps, pending = time.perf_counter(), 0, []
     try:
         for step in range(start, cfg.train.num_steps):
-            state, metrics = train_step(state, sharding.global_batch(next(batches), mesh))
+            state, metrics = program.train_step(state, sharding.global_batch(next(batches), mesh))
             done = step + 1
             pending.append(metrics)
             interval_steps += 1

@@ -1,0 +1,91 @@
+"""Training throughput of a config: tokens/s, step time, model FLOPs per token and MFU.
+
+    python benchmarks/throughput.py --config=configs/small.py [--steps=30] [--config.x=y]
+
+MFU is measured against a matmul peak timed on the same device in the same process: a square
+matmul in the config's compute dtype with float32 accumulation.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from tdyn_jax import data as data_lib
+from tdyn_jax import sharding
+from tdyn_jax.config import validate
+from tdyn_jax.model import DTYPES, matmul
+from tdyn_jax.train import build
+
+config_flags.DEFINE_config_file("config", "configs/small.py", "Config file.")
+flags.DEFINE_integer("steps", 30, "Timed steps (after two warm-up steps).")
+flags.DEFINE_integer("peak_size", 2048, "Side of the square matmul that measures the peak.")
+
+
+def flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> float:
+    """Training FLOPs per token: 3 x (2 x matmul weights + attention scores and mixing)."""
+    mlp_mats = 3 if m.mlp == "swiglu" else 2
+    weights = m.num_layers * (4 * m.d_model**2 + mlp_mats * m.d_model * m.d_ff)
+    weights += m.d_model * m.vocab_size
+    attention = m.num_layers * 2 * 2 * seq_len * m.d_model  # Q K^T and P V, full (unmasked) square
+    return 3.0 * (2.0 * weights + attention)
+
+
+def matmul_peak(size: int, dtype: jnp.dtype, repeats: int = 5) -> float:
+    """FLOP/s of the fastest of `repeats` size^3 matmuls."""
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+    f = jax.jit(lambda x: matmul(x, x, dtype))
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * size**3 / best
+
+
+def main(_: list[str]) -> None:
+    cfg = flags.FLAGS.config
+    validate(cfg, jax.device_count())
+    mesh = sharding.make_mesh(cfg)
+    program = build(cfg, mesh)
+    tokens = np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint16)
+    batches = data_lib.Batches(tokens, cfg.data.seq_len, cfg.data.batch_size, 0)
+    state = program.init()
+    t = time.perf_counter()
+    for _ in range(2):
+        state, metrics = program.train_step(state, sharding.global_batch(next(batches), mesh))
+    jax.block_until_ready(metrics)
+    warmup_s = time.perf_counter() - t
+    times = []
+    for _ in range(flags.FLAGS.steps):
+        batch = sharding.global_batch(next(batches), mesh)
+        t = time.perf_counter()
+        state, metrics = program.train_step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    step_s = float(np.median(times))
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    achieved = fpt * tokens_per_step / step_s
+    peak = matmul_peak(flags.FLAGS.peak_size, DTYPES[cfg.model.compute_dtype])
+    params = sum(x.size for x in jax.tree.leaves(state.params))
+    print(f"config            {cfg.name} ({params / 1e6:.2f}M params, {cfg.model.compute_dtype} compute)")
+    print(f"devices           {jax.device_count()} x {jax.devices()[0].device_kind}")
+    print(f"compile+2 steps   {warmup_s:.1f} s")
+    print(f"step time         {step_s * 1e3:.1f} ms (median of {len(times)})")
+    print(f"tokens/s          {tokens_per_step / step_s:,.0f}")
+    print(f"FLOPs/token       {fpt / 1e6:.2f} MFLOP (train, 3x forward)")
+    print(f"achieved          {achieved / 1e9:.1f} GFLOP/s")
+    print(f"matmul peak       {peak / 1e9:.1f} GFLOP/s ({flags.FLAGS.peak_size}^3, same dtype)")
+    print(f"MFU               {100 * achieved / peak:.1f} %")
+
+
+if __name__ == "__main__":
+    app.run(main)

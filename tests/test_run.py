@@ -1,0 +1,151 @@
+"""run.py end to end as a subprocess: resume, kill -9 and resume bitwise, SIGTERM/SIGINT, user errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+
+
+def _cmd(workdir, *overrides):
+    return [sys.executable, "run.py", "--config=configs/tiny.py", f"--workdir={workdir}", *overrides]
+
+
+def _run(workdir, *overrides):
+    return subprocess.run(
+        _cmd(workdir, *overrides), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final_params(workdir, step):
+    path = Path(workdir) / "checkpoints" / str(step) / "state"
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path)["params"]
+
+
+def _leaves(tree, prefix=""):
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_leaves(v, f"{prefix}/{k}"))
+        return out
+    return {prefix: np.asarray(tree)}
+
+
+def _wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the run")
+
+
+def test_end_to_end_then_rerun_resumes(tmp_path):
+    w = tmp_path / "run"
+    first = _run(w)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = _metrics(w)
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert "val_loss" in rows[1] and "val_loss" in rows[3]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert {"grad_norm", "param_norm", "update_norm", "lr", "tokens_per_s", "step_time_s"} <= set(rows[-1])
+    assert json.loads((w / "config.json").read_text())["model"]["d_model"] == 32
+    assert sorted(p.name for p in (w / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]
+
+    again = _run(w)  # same command: resumes at the end, trains nothing, duplicates nothing
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed" in again.stderr and "from step 20" in again.stderr
+    assert [r["step"] for r in _metrics(w)] == [5, 10, 15, 20]
+
+    longer = _run(w, "--config.train.num_steps=30")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert [r["step"] for r in _metrics(w)] == [5, 10, 15, 20, 25, 30]
+
+
+def test_kill_and_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
+    steps = ["--config.train.num_steps=300", "--config.checkpoint.every=50", "--config.checkpoint.keep=10"]
+    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
+    done = _run(ref, *steps)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    proc = subprocess.Popen(
+        _cmd(crashed, *steps), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for(lambda: (crashed / "checkpoints" / "100").exists(), proc)
+    proc.kill()
+    proc.communicate()
+    killed_at = max(r["step"] for r in _metrics(crashed))
+    assert killed_at < 300, "the run finished before it was killed"
+    (crashed / "checkpoints" / "999.orbax-checkpoint-tmp-1").mkdir()  # a leftover partial save
+
+    resumed = _run(crashed, *steps)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed" in resumed.stderr
+    ref_params, new_params = _leaves(_final_params(ref, 300)), _leaves(_final_params(crashed, 300))
+    assert ref_params.keys() == new_params.keys()
+    for name, value in ref_params.items():
+        assert np.array_equal(value, new_params[name]), f"{name} differs after kill and resume"
+    ref_rows, new_rows = _metrics(ref), _metrics(crashed)
+    assert [r["step"] for r in new_rows] == [r["step"] for r in ref_rows]  # each step exactly once
+    assert [r["loss"] for r in new_rows] == [r["loss"] for r in ref_rows]
+    assert not (crashed / "checkpoints" / "999.orbax-checkpoint-tmp-1").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_exits_zero_and_resumes(tmp_path, sig):
+    w = tmp_path / "run"
+    steps = ["--config.train.num_steps=100000", "--config.checkpoint.every=100000"]
+    proc = subprocess.Popen(
+        _cmd(w, *steps), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for(lambda: (w / "metrics.jsonl").exists() and (w / "metrics.jsonl").stat().st_size, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    saved = [int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 0 < saved[0] < 100000
+    assert _metrics(w)[-1]["step"] == saved[0]
+    resumed = _run(w, f"--config.train.num_steps={saved[0] + 10}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from step {saved[0]}" in resumed.stderr
+    assert _metrics(w)[-1]["step"] == saved[0] + 10
+
+
+def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    w = tmp_path / "run"
+    bad = _run(w, "--config.model.num_heads=3")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "error: model.d_model=32 is not divisible by model.num_heads=3: choose num_heads that divides d_model"
+    ]
+    assert not w.exists()
+    missing = _run(w, "--config.data.source=text", "--config.data.path=/nonexistent/corpus.txt")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1].startswith("error: data.path=/nonexistent/corpus.txt")
+    assert not w.exists()
+
+
+def test_incompatible_resume_is_refused_and_leaves_the_run_as_it_was(tmp_path):
+    w = tmp_path / "run"
+    assert _run(w, "--config.train.num_steps=10").returncode == 0
+    before = {p: p.read_bytes() for p in w.rglob("*") if p.is_file()}
+    refused = _run(w, "--config.model.num_layers=3", "--config.train.num_steps=20")
+    assert refused.returncode == 2
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: cannot resume") and "model.num_layers=2 (saved) vs 3" in line
+    assert {p: p.read_bytes() for p in w.rglob("*") if p.is_file()} == before

@@ -1,0 +1,102 @@
+"""The train step: loss, optimizers, schedule, learning on synthetic data, sharded vs one device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from tdyn_jax import data as data_lib
+from tdyn_jax import sharding
+from tdyn_jax.metrics import truncate_jsonl
+from tdyn_jax.optim import schedule
+from tdyn_jax.train import build, cross_entropy
+
+
+def _batches(cfg, n):
+    tokens = data_lib.encode(data_lib.synthetic_documents(cfg.data.synthetic_size))
+    it = data_lib.Batches(tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.seed)
+    return [next(it) for _ in range(n)]
+
+
+def _run(cfg, devices, n_steps):
+    mesh = sharding.make_mesh(cfg, devices)
+    program = build(cfg, mesh)
+    state = program.init()
+    losses = []
+    for batch in _batches(cfg, n_steps):
+        state, metrics = program.train_step(state, sharding.global_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def test_cross_entropy_matches_float64_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32) * 3
+    targets = rng.integers(0, 7, size=(2, 5))
+    loss, parts = cross_entropy(jnp.asarray(logits), jnp.asarray(targets), z_loss=0.1)
+    x = logits.astype(np.float64)
+    log_z = np.log(np.exp(x).sum(-1))
+    ce = np.mean(log_z - np.take_along_axis(x, targets[..., None], -1)[..., 0])
+    np.testing.assert_allclose(float(parts["ce"]), ce, rtol=1e-6)
+    np.testing.assert_allclose(float(loss), ce + 0.1 * np.mean(log_z**2), rtol=1e-6)
+
+
+def test_schedule_warmup_then_cosine_to_min_ratio():
+    cfg = tiny.get_config()
+    o = cfg.optim
+    lr = schedule(o, 100)
+    assert float(lr(0)) == 0.0
+    np.testing.assert_allclose(float(lr(o.warmup_steps // 2 + 1)), o.lr * (o.warmup_steps // 2 + 1) / 5)
+    np.testing.assert_allclose(float(lr(o.warmup_steps)), o.lr, rtol=1e-6)
+    np.testing.assert_allclose(float(lr(100)), o.lr * o.min_lr_ratio, rtol=1e-5)
+    o.schedule = "constant"
+    np.testing.assert_allclose(float(schedule(o, 100)(80)), o.lr, rtol=1e-6)
+
+
+def test_loss_falls_on_synthetic_data():
+    cfg = tiny.get_config()
+    cfg.train.num_steps = 60
+    _, losses = _run(cfg, jax.devices()[:1], 60)
+    assert losses[0] > 5.0  # about log(257) at init
+    assert np.mean(losses[-10:]) < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd", "lion", "adafactor"])
+def test_every_optimizer_trains(name):
+    cfg = tiny.get_config()
+    cfg.optim.name = name
+    cfg.optim.lr = {"sgd": 0.1, "adafactor": 0.05}.get(name, cfg.optim.lr)
+    _, losses = _run(cfg, jax.devices()[:1], 15)
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < losses[0] - 0.3
+
+
+def test_sharded_data_fsdp_step_matches_one_device():
+    cfg = tiny.get_config()
+    cfg.mesh.fsdp = 2
+    one, losses_one = _run(cfg, jax.devices()[:1], 3)
+    eight, losses_eight = _run(cfg, jax.devices()[:8], 3)
+    specs = [leaf.sharding.spec for leaf in jax.tree.leaves(eight.params)]
+    assert any("fsdp" in spec for spec in specs), "no parameter is sharded over fsdp"
+    assert len(eight.params["embed"].sharding.device_set) == 8
+    np.testing.assert_allclose(losses_eight, losses_one, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+
+
+def test_fsdp_spec_shards_largest_divisible_axis():
+    assert sharding.fsdp_spec((64, 256), 4, 0) == jax.sharding.PartitionSpec(None, "fsdp")
+    assert sharding.fsdp_spec((6, 10), 4, 0) == jax.sharding.PartitionSpec()
+    assert sharding.fsdp_spec((64, 256), 4, 10**6) == jax.sharding.PartitionSpec()
+    assert sharding.fsdp_spec((64, 256), 1, 0) == jax.sharding.PartitionSpec()
+
+
+def test_truncate_jsonl_keeps_steps_up_to_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in (5, 10, 15, 20)))
+    truncate_jsonl(path, 10)
+    assert [line for line in path.read_text().splitlines()] == [
+        '{"step": 5, "loss": 1.0}',
+        '{"step": 10, "loss": 1.0}',
+    ]

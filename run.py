@@ -13,31 +13,54 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/small
 flags.mark_flags_as_required(["config"])
 
 
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing whose errors (bad flag, unknown config field, bad file) are one line, exit 2."""
+    config_args = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    if not config_args:
+        _fail("--config is required, e.g. --config=configs/small.py")
+    try:
+        rest = flags.FLAGS(argv)
+        _ = flags.FLAGS.config.name  # loads the config file now, so its errors surface here
+    except flags.Error as e:
+        _fail(f"{e}")
+    except (AttributeError, KeyError) as e:
+        field = str(e).strip("\"'")
+        culprit = next((a for a in argv if a.startswith("--config.") and f".{field}" in a), field)
+        _fail(f"unknown config field in {culprit}: configs/base.py lists the fields")
+    except OSError as e:
+        _fail(f"cannot load the config file {config_args[-1]} ({type(e).__name__}): check the path")
+    return rest
+
+
 def _quiet_libraries(record: std_logging.LogRecord) -> bool:
     """Keeps the log to this package's lines, plus warnings and errors from libraries."""
     return record.levelno >= std_logging.WARNING or "/tdyn_jax/" in record.pathname
 
 
 def main(argv: list[str]) -> int:
-    """Validates the config, then trains or resumes; user mistakes exit 2 with one line."""
+    """Trains or resumes the configured run; user mistakes exit 2 with one line."""
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_quiet_libraries)
     from tdyn_jax.config import ConfigError
     from tdyn_jax.data import DataError
     from tdyn_jax.train import train
 
-    logging.get_absl_handler().addFilter(_quiet_libraries)
     cfg = flags.FLAGS.config
     workdir = flags.FLAGS.workdir or f"runs/{cfg.name}"
     try:
         final = train(cfg, workdir)
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        _fail(str(e))
     logging.info("finished %s: %s", workdir, final)
     print(f"run directory: {workdir}")
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

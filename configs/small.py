@@ -14,12 +14,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.num_heads = 6
     c.model.d_ff = 768
     c.model.max_len = 128
+    c.model.scan_layers = False  # on XLA:CPU the unrolled layers run about 1.2-2x faster than the scan
     c.data.seq_len = 128
     c.data.batch_size = 16
     c.optim.lr = 2e-3
-    c.optim.warmup_steps = 100
-    c.train.num_steps = 1500
-    c.train.log_every = 25
-    c.train.eval_every = 250
-    c.checkpoint.every = 250
+    c.optim.warmup_steps = 50
+    c.train.num_steps = 1000
+    c.train.log_every = 20
+    c.train.eval_every = 200
+    c.checkpoint.every = 200
     return c

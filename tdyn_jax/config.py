@@ -27,6 +27,11 @@ POSITIVE_INTS = (
     "train.log_every", "train.eval_every", "train.eval_batches", "checkpoint.every",
     "checkpoint.keep", "mesh.fsdp",
 )  # fmt: skip
+NUMBERS = (
+    "optim.lr", "optim.b1", "optim.b2", "optim.eps", "optim.weight_decay", "optim.momentum",
+    "optim.grad_clip", "optim.z_loss", "optim.min_lr_ratio", "data.val_fraction", "model.init_std",
+    "model.norm_eps", "model.rope_base",
+)  # fmt: skip
 # Fields that may change when a run is resumed; every other field must match the saved config.
 RESUMABLE_CHANGES = ("name", "train.", "checkpoint.", "mesh.")
 
@@ -77,7 +82,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         raise ConfigError(f"data.source={d.source} needs data.path: set --config.data.path=PATH")
     if not 0.0 < d.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 0.5)")
-    if not (isinstance(o.lr, int | float) and 0.0 < o.lr <= 1.0):
+    for field in NUMBERS:
+        value = get(cfg, field)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{field}={value!r} must be a number")
+    if not 0.0 < o.lr <= 1.0:
         raise ConfigError(f"optim.lr={o.lr!r} must be a number in (0, 1]")
     for field in ("optim.b1", "optim.b2", "optim.momentum"):
         if not 0.0 <= get(cfg, field) < 1.0:

@@ -119,7 +119,11 @@ def _text_documents(path: Path) -> list[bytes]:
     if path.is_file():
         return [path.read_bytes()]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if files:
             return [p.read_bytes() for p in files]
         raise DataError(f"data.path={path} holds no files: point it at text files")
@@ -187,6 +191,11 @@ class Batches:
             raise DataError(
                 f"the {name} split has {len(tokens)} tokens, too few for data.seq_len={seq_len}: "
                 "use more data, a larger data.val_fraction or a shorter seq_len"
+            )
+        if global_batch % process_count:
+            raise DataError(
+                f"data.batch_size={global_batch} does not split over {process_count} processes: "
+                f"use a multiple of {process_count}"
             )
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         per_process = global_batch // process_count

@@ -205,6 +205,21 @@ def test_untied_unembedding_ignores_the_embedding_table():
     np.testing.assert_array_equal(np.delete(after, v, axis=-1), np.delete(before, v, axis=-1))
 
 
+def test_learned_position_p_is_added_at_position_p():
+    _, params, apply = built("full")  # positions=learned, max_len 32 > SEQ
+    assert params["pos_embed"].shape == (32, 32)
+    tokens = tokens_for()
+    before = np.asarray(apply({"params": params}, tokens))
+    moved = np.asarray(apply({"params": {**params, "pos_embed": params["pos_embed"].at[5].add(1.0)}}, tokens))
+    np.testing.assert_array_equal(moved[:, :5], before[:, :5])
+    assert np.all(np.abs(moved[:, 5] - before[:, 5]).max(axis=-1) > 0)
+    # Rows past the sequence length are never read.
+    unused = params["pos_embed"].at[SEQ:].add(1.0)
+    np.testing.assert_array_equal(
+        np.asarray(apply({"params": {**params, "pos_embed": unused}}, tokens)), before
+    )
+
+
 def test_param_dtypes_follow_config():
     dtypes = lambda name: {x.dtype for x in jax.tree.leaves(built(name)[1])}
     assert dtypes("bf16_params_loop") == {jnp.dtype(jnp.bfloat16)}

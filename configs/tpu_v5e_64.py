@@ -1,8 +1,9 @@
 """Example for a Cloud TPU v5e-64 pod slice (16 hosts x 4 chips): a 350M-parameter model, data x fsdp.
 
-Start the same command on every host, e.g.
+Start the same command on every host; the workdir must be a directory all hosts share (a Filestore
+NFS mount, or a bucket mounted with gcsfuse), e.g.
   gcloud compute tpus tpu-vm ssh NAME --worker=all --command="cd tdyn_jax && \
-    python run.py --config=configs/tpu_v5e_64.py --workdir=gs://BUCKET/runs/v5e64"
+    python run.py --config=configs/tpu_v5e_64.py --workdir=/mnt/shared/runs/v5e64"
 """
 
 import ml_collections

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,17 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 
 
 class MetricsWriter:
-    """Appends one JSON line per logged step; process 0 only."""
+    """Appends one JSON line per logged step and echoes it (to the log, or above a progress bar)."""
 
-    def __init__(self, workdir: Path, start_step: int, tensorboard: bool):
-        self.active = jax.process_index() == 0
+    def __init__(
+        self,
+        workdir: Path,
+        start_step: int,
+        tensorboard: bool,
+        echo: Callable[[str], None] = logging.info,
+    ):
+        self.active = jax.process_index() == 0  # process 0 writes for all
+        self.echo = echo
         self.path = Path(workdir) / "metrics.jsonl"
         self.tb = None
         if not self.active:
@@ -48,7 +56,7 @@ class MetricsWriter:
         row = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        logging.info("step %d: %s", step, " ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+        self.echo(f"step {step}: " + " ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
         if self.tb is not None:
             for key, value in row.items():
                 if key != "step":

@@ -106,6 +106,8 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signal is not None:  # a second signal: stop now, without the final checkpoint
+            raise KeyboardInterrupt
         self.signal = signum
 
     def restore(self) -> None:
@@ -182,14 +184,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
         losses = [program.eval_step(params, sharding.global_batch(b, mesh)) for b in val_batches]
         return float(np.mean(jax.device_get(losses)))
 
-    writer = MetricsWriter(workdir, start, cfg.train.tensorboard)
+    show_bar = cfg.train.progress_bar and sys.stderr.isatty() and jax.process_index() == 0
+    bar = tqdm(total=cfg.train.num_steps, initial=start, disable=not show_bar, dynamic_ncols=True)
+    echo = (lambda line: bar.write(line, file=sys.stderr)) if show_bar else logging.info
+    writer = MetricsWriter(workdir, start, cfg.train.tensorboard, echo)
     stop = StopRequest()
-    bar = tqdm(
-        total=cfg.train.num_steps,
-        initial=start,
-        disable=not (cfg.train.progress_bar and sys.stderr.isatty()),
-        dynamic_ncols=True,
-    )
+    if start >= cfg.train.num_steps:
+        logging.info("%s is already at step %d of %d: nothing to train", workdir, start, cfg.train.num_steps)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     last: dict[str, float] = {}
     compile_s: dict[str, float] = {}  # reported once, on the first logged line

@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.optim = o = ml_collections.ConfigDict()
     o.name = "adamw"  # adamw | adam | sgd | lion | adafactor
-    o.lr = 1e-3  # peak learning rate
+    o.lr = 1e-3  # peak learning rate (adafactor scales it by each parameter's RMS: try 0.01-0.3)
     o.b1 = 0.9  # first-moment decay (adam, adamw, lion)
     o.b2 = 0.95  # second-moment decay (adam, adamw, lion)
     o.eps = 1e-8  # epsilon of adam/adamw

@@ -30,15 +30,7 @@ VARIANTS = {
         "tie_embeddings": False,
         "use_bias": True,
     },
-    "full_loop": {
-        "norm": "layernorm",
-        "mlp": "swiglu",
-        "positions": "learned",
-        "qk_norm": True,
-        "tie_embeddings": False,
-        "use_bias": True,
-        "scan_layers": False,
-    },
+    "full_loop": {},  # "full" with scan_layers=False, filled in below
     "post_relu_loop": {"norm_placement": "post", "mlp": "relu", "scan_layers": False},
     "post_layernorm_untied": {"norm_placement": "post", "norm": "layernorm", "tie_embeddings": False},
     "remat_full": {"remat": "full"},
@@ -46,6 +38,7 @@ VARIANTS = {
     "bf16_compute_no_norm": {"compute_dtype": "bfloat16", "norm": "none"},
     "bf16_params_loop": {"param_dtype": "bfloat16", "compute_dtype": "bfloat16", "scan_layers": False},
 }
+VARIANTS["full_loop"] = {**VARIANTS["full"], "scan_layers": False}
 # Scanned variant -> its loop twin.
 SCAN_LOOP_PAIRS = [("default", "loop"), ("full", "full_loop"), ("remat_full", "remat_full_loop")]
 

@@ -72,7 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
     s.data = -1  # devices on the data-parallel axis; -1: all devices not used by fsdp
     s.fsdp = 1  # devices that shard parameters and optimizer state (ZeRO-3 style)
     s.fsdp_min_size = 2**14  # parameters with fewer elements stay replicated
-    s.distributed = (
-        "auto"  # auto | on | off: call jax.distributed.initialize() (auto: if a cluster is detected)
-    )
+    s.distributed = "auto"  # auto | on | off: jax.distributed.initialize() (auto: if a cluster is found)
+    s.coordinator_address = ""  # host:port of process 0, for clusters JAX does not detect ("" = detect)
+    s.num_processes = 0  # processes in the job, with coordinator_address (0 = detect)
+    s.process_id = -1  # this process's index, with coordinator_address (-1 = detect)
     return c

@@ -16,17 +16,23 @@ BATCH_AXES = ("data", "fsdp")  # the batch is split over both axes
 COORDINATOR_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
-def maybe_initialize_distributed(mode: str) -> None:
-    """Calls jax.distributed.initialize() for 'on', and for 'auto' when a cluster is detected."""
-    if mode == "off":
+def maybe_initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
+    """Calls jax.distributed.initialize() when `mesh.distributed` is 'on', or 'auto' and a cluster is
+    detected or a coordinator address is given; CPU processes then talk through gloo."""
+    if cfg.distributed == "off" or jax.distributed.is_initialized():
         return
-    detected = (
+    detected = cfg.coordinator_address or (
         any(os.environ.get(k) for k in COORDINATOR_ENV)
         or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
         or int(os.environ.get("SLURM_NTASKS", "1")) > 1
     )
-    if mode == "on" or detected:
-        jax.distributed.initialize()
+    if cfg.distributed == "on" or detected:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            cfg.coordinator_address or None,
+            cfg.num_processes or None,
+            cfg.process_id if cfg.process_id >= 0 else None,
+        )
 
 
 def make_mesh(cfg: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:

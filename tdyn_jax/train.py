@@ -151,7 +151,7 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Program:
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
     workdir = Path(workdir)
-    sharding.maybe_initialize_distributed(cfg.mesh.distributed)
+    sharding.maybe_initialize_distributed(cfg.mesh)
     validate(cfg, jax.device_count())
     config = to_dict(cfg)
     train_tokens, val_tokens = data_lib.load_splits(cfg.data, cfg.model.vocab_size)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -32,8 +33,11 @@ def _metrics(workdir):
 
 def _final_params(workdir, step):
     path = Path(workdir) / "checkpoints" / str(step) / "state"
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(path)["params"]
+        meta = ckptr.metadata(path).item_metadata.tree
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), meta)
+        return ckptr.restore(path, target)["params"]
 
 
 def _leaves(tree, prefix=""):
@@ -152,3 +156,44 @@ def test_incompatible_resume_is_refused_and_leaves_the_run_as_it_was(tmp_path):
     line = refused.stderr.strip().splitlines()[-1]
     assert line.startswith("error: cannot resume") and "model.num_layers=2 (saved) vs 3" in line
     assert {p: p.read_bytes() for p in w.rglob("*") if p.is_file()} == before
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _run_two_processes(workdir, *overrides):
+    """The same run.py command as processes 0 and 1 of one JAX job (CPU, gloo collectives)."""
+    job = [f"--config.mesh.coordinator_address=localhost:{_free_port()}", "--config.mesh.num_processes=2"]
+    procs = [
+        subprocess.Popen(
+            _cmd(workdir, *job, f"--config.mesh.process_id={i}", *overrides),
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    for p, err in zip(procs, errs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return errs
+
+
+def test_two_process_run_matches_one_process_and_resumes(tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert _run(single).returncode == 0
+    _run_two_processes(multi)
+    one, two = _leaves(_final_params(single, 20)), _leaves(_final_params(multi, 20))
+    for name, value in one.items():
+        np.testing.assert_allclose(two[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert [r["step"] for r in _metrics(multi)] == [5, 10, 15, 20]  # written once, by process 0
+    errs = _run_two_processes(multi, "--config.train.num_steps=30")
+    assert all("from step 20" in err for err in errs)
+    assert [r["step"] for r in _metrics(multi)] == [5, 10, 15, 20, 25, 30]

@@ -95,6 +95,18 @@ def make_eval_step(model: Transformer) -> Callable[[Any, dict], jax.Array]:
     return step
 
 
+def summarize(
+    metrics: list[dict], elapsed: float, timed_steps: int, tokens_per_step: int
+) -> dict[str, float]:
+    """One log row: the last step's metrics, the interval's mean loss, step time and tokens/s."""
+    row = {k: float(v) for k, v in metrics[-1].items()}
+    row["loss_avg"] = float(np.mean([m["loss"] for m in metrics]))
+    if timed_steps:
+        row["step_time_s"] = elapsed / timed_steps
+        row["tokens_per_s"] = tokens_per_step * timed_steps / elapsed
+    return row
+
+
 class StopRequest:
     """Turns SIGTERM/SIGINT into a flag the loop checks after each step (single-process runs)."""
 
@@ -209,13 +221,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
             stopping = stop.signal is not None or ckpt.reached_preemption(done)
             final = done == cfg.train.num_steps or stopping
             if done % cfg.train.log_every == 0 or done % cfg.train.eval_every == 0 or final:
-                fetched = jax.device_get(pending)
                 elapsed = time.perf_counter() - interval_start
-                row = {k: float(v) for k, v in fetched[-1].items()}
-                row["loss_avg"] = float(np.mean([m["loss"] for m in fetched]))
-                if interval_steps:
-                    row["step_time_s"] = elapsed / interval_steps
-                    row["tokens_per_s"] = tokens_per_step * interval_steps / elapsed
+                row = summarize(jax.device_get(pending), elapsed, interval_steps, tokens_per_step)
                 if done % cfg.train.eval_every == 0 or done == cfg.train.num_steps:
                     row["val_loss"] = evaluate(state.params)
                     row["val_ppl"] = float(np.exp(row["val_loss"]))

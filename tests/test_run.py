@@ -197,3 +197,23 @@ def test_two_process_run_matches_one_process_and_resumes(tmp_path):
     errs = _run_two_processes(multi, "--config.train.num_steps=30")
     assert all("from step 20" in err for err in errs)
     assert [r["step"] for r in _metrics(multi)] == [5, 10, 15, 20, 25, 30]
+
+
+def test_resume_on_a_different_mesh_reshards_the_checkpoint(tmp_path):
+    ref, moved = tmp_path / "ref", tmp_path / "moved"
+    constant = "--config.optim.schedule=constant"  # so that stopping at step 10 changes no lr
+    assert _run(ref, constant).returncode == 0
+    assert _run(moved, constant, "--config.train.num_steps=10").returncode == 0  # one device
+    eight = subprocess.run(
+        _cmd(moved, constant, "--config.mesh.fsdp=2"),  # 4 (data) x 2 (fsdp) virtual devices
+        cwd=ROOT,
+        env={**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert eight.returncode == 0, eight.stderr[-3000:]
+    assert "from step 10" in eight.stderr
+    one, resharded = _leaves(_final_params(ref, 20)), _leaves(_final_params(moved, 20))
+    for name, value in one.items():
+        np.testing.assert_allclose(resharded[name], value, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.qk_norm = False  # RMS-normalise queries and keys per head before the score matmul
     m.tie_embeddings = True  # unembedding uses the transposed token embedding
     m.use_bias = False  # biases in every Linear
-    m.init_std = 0.02  # std of the normal init of kernels and embeddings
+    m.init_std = 0.02  # std of the normal init of kernels and embeddings (residual outputs: / sqrt(2 L))
     m.scan_layers = True  # nn.scan over identical blocks (fast compile); False: a Python loop
     m.remat = "none"  # none | full | dots | dots_no_batch: what a block saves for the backward pass
     m.param_dtype = "float32"  # float32 | bfloat16: parameters and optimizer state

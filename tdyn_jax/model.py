@@ -97,9 +97,7 @@ class Attention(nn.Module):
         k = lin(c.d_model, name="k")(x).reshape(b, t, heads, d_head)
         v = lin(c.d_model, name="v")(x).reshape(b, t, heads, d_head)
         if c.qk_norm:
-            dtype, pdtype = DTYPES[c.compute_dtype], DTYPES[c.param_dtype]
-            q = nn.RMSNorm(epsilon=c.norm_eps, dtype=dtype, param_dtype=pdtype, name="q_norm")(q)
-            k = nn.RMSNorm(epsilon=c.norm_eps, dtype=dtype, param_dtype=pdtype, name="k_norm")(k)
+            q, k = _norm(c, "q_norm", "rmsnorm")(q), _norm(c, "k_norm", "rmsnorm")(k)
         if c.positions == "rope":
             q, k = rope(q, c.rope_base), rope(k, c.rope_base)
         scores = attention_scores(q, k)
@@ -140,6 +138,11 @@ def _linear_factory(c: ml_collections.ConfigDict, residual_out: bool = False) ->
     return make
 
 
+def _norm(c: ml_collections.ConfigDict, name: str, kind: str | None = None) -> Norm:
+    """A `Norm` of the configured kind (or `kind`) with the model's epsilon and dtypes."""
+    return Norm(kind or c.norm, c.norm_eps, DTYPES[c.compute_dtype], DTYPES[c.param_dtype], name=name)
+
+
 class Block(nn.Module):
     """One transformer block, pre-norm or post-norm."""
 
@@ -148,9 +151,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, _: None = None) -> tuple[jax.Array, None]:
         c = self.cfg
-        norm = lambda name: Norm(
-            c.norm, c.norm_eps, DTYPES[c.compute_dtype], DTYPES[c.param_dtype], name=name
-        )
+        norm = lambda name: _norm(c, name)
         if c.norm_placement == "pre":
             x = x + Attention(c, name="attn")(norm("attn_norm")(x))
             x = x + Mlp(c, name="mlp")(norm("mlp_norm")(x))
@@ -190,7 +191,7 @@ class Transformer(nn.Module):
             for i in range(c.num_layers):
                 x, _ = block(c, name=f"layer_{i:02d}")(x, None)
         if c.norm_placement == "pre":
-            x = Norm(c.norm, c.norm_eps, dtype, pdtype, name="final_norm")(x)
+            x = _norm(c, "final_norm")(x)
         kernel = embed.T if c.tie_embeddings else None
         unembed = Linear(c.vocab_size, False, dtype, pdtype, c.init_std, jnp.float32, name="unembed")
         return unembed(x, kernel)

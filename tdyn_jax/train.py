@@ -220,10 +220,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
             bar.update(1)
             stopping = stop.signal is not None or ckpt.reached_preemption(done)
             final = done == cfg.train.num_steps or stopping
-            if done % cfg.train.log_every == 0 or done % cfg.train.eval_every == 0 or final:
+            evaluate_now = done % cfg.train.eval_every == 0 or done == cfg.train.num_steps
+            if done % cfg.train.log_every == 0 or evaluate_now or final:
                 elapsed = time.perf_counter() - interval_start
                 row = summarize(jax.device_get(pending), elapsed, interval_steps, tokens_per_step)
-                if done % cfg.train.eval_every == 0 or done == cfg.train.num_steps:
+                if evaluate_now:
                     row["val_loss"] = evaluate(state.params)
                     row["val_ppl"] = float(np.exp(row["val_loss"]))
                 row.update(compile_s)

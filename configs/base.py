@@ -68,6 +68,26 @@ def get_config() -> ml_collections.ConfigDict:
     k.keep = 3  # newest train-state checkpoints kept
     k.async_save = True  # write checkpoints in a background thread
 
+    c.probes = p = ml_collections.ConfigDict()
+    p.enabled = True  # capture statistics inside the train step (False: only the plain step is compiled)
+    p.every = 100  # capture at steps 0, every, 2 * every, ... (the index of the step being taken)
+    p.at_steps = ()  # more steps to capture, e.g. (10, 50)
+    p.sites = ("*",)  # fnmatch patterns over site names without the layer: "attn/*", "resid/out", "params/*"
+    p.stats = ("exp_hist", "lin_hist", "sample", "outliers", "energy", "lowprec")  # groups beyond moments
+    p.grads = True  # statistics of dL/dx at every captured activation and matmul output (grad taps)
+    p.params = True  # statistics of every parameter, its gradient, its update and its second moment
+    p.sample_size = 4096  # raw values sampled uniformly per site and capture, for offline fits
+    p.exp_min = -48  # smallest exponent of the signed log2 histogram (smaller |x| share its bin)
+    p.exp_max = 16  # largest exponent of the signed log2 histogram (larger |x| share its bin)
+    p.lin_bins = 64  # bins of the linear histogram (over [min, max] of the tensor; R: [-1, 1])
+    p.topk = 4  # largest |x| reported per activation site (massive activations)
+    p.formats = ("e4m3", "e5m2", "int8")  # simulated low-precision formats of A and W
+    p.scalings = ("none", "tensor", "channel")  # their scalings (channel: A per token, W per column)
+    p.r_bits = (4, 8)  # uniform bits of R in the E/R format
+    p.quant_rows = 256  # rows of A (tokens) sampled per matmul to measure the low-precision error of C
+    p.dump_steps = ()  # steps at which the full tensors of dump_sites are written to WORKDIR/dumps
+    p.dump_sites = ()  # sites to dump (patterns with the layer): "layer_01/mlp/up", "*/resid/out"
+
     c.mesh = s = ml_collections.ConfigDict()
     s.data = -1  # devices on the data-parallel axis; -1: all devices not used by fsdp
     s.fsdp = 1  # devices that shard parameters and optimizer state (ZeRO-3 style)

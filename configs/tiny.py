@@ -28,4 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.every = 10
     c.checkpoint.keep = 2
     c.mesh.fsdp_min_size = 256
+    # capture every 5 steps at a few sites of each kind, every statistic group, one format
+    c.probes.every = 5
+    c.probes.sites = ("resid/*", "attn/scores", "mlp/up", "*/attn/q/kernel")
+    c.probes.formats = ("e4m3",)
+    c.probes.scalings = ("channel",)
+    c.probes.sample_size = 64
     return c

@@ -7,6 +7,9 @@ from typing import Any
 
 import ml_collections
 
+from tdyn_jax.probes.lowprec import FORMATS, SCALINGS
+from tdyn_jax.probes.spec import GROUPS
+
 CHOICES = {
     "model.norm": ("layernorm", "rmsnorm", "none"),
     "model.norm_placement": ("pre", "post"),
@@ -25,15 +28,29 @@ POSITIVE_INTS = (
     "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.d_ff",
     "model.max_len", "data.seq_len", "data.batch_size", "data.synthetic_size", "train.num_steps",
     "train.log_every", "train.eval_every", "train.eval_batches", "checkpoint.every",
-    "checkpoint.keep", "mesh.fsdp",
+    "checkpoint.keep", "mesh.fsdp", "probes.every", "probes.sample_size", "probes.lin_bins", "probes.topk",
+    "probes.quant_rows",
 )  # fmt: skip
+# Tuple fields and the values each element may take (None: any non-negative int, str: any string).
+SUBSETS = {
+    "probes.stats": GROUPS,
+    "probes.formats": tuple(FORMATS),
+    "probes.scalings": SCALINGS,
+    "probes.at_steps": None,
+    "probes.dump_steps": None,
+    "probes.r_bits": None,
+    "probes.sites": str,
+    "probes.dump_sites": str,
+}
 NUMBERS = (
     "optim.lr", "optim.b1", "optim.b2", "optim.eps", "optim.weight_decay", "optim.momentum",
     "optim.grad_clip", "optim.z_loss", "optim.min_lr_ratio", "data.val_fraction", "model.init_std",
     "model.norm_eps", "model.rope_base",
 )  # fmt: skip
 # Fields that may change when a run is resumed; every other field must match the saved config.
-RESUMABLE_CHANGES = ("name", "train.", "checkpoint.", "mesh.")
+RESUMABLE_CHANGES = (
+    "name", "train.", "checkpoint.", "mesh.", "probes.every", "probes.at_steps", "probes.dump_",
+)  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -101,8 +118,42 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         )
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    validate_probes(cfg.probes)
     if num_devices is not None:
         validate_mesh(cfg, num_devices)
+
+
+def validate_probes(p: ml_collections.ConfigDict) -> None:
+    """Checks the probes section (site patterns are checked against the model's sites in `build`)."""
+    for field in ("enabled", "grads", "params"):
+        if not isinstance(p[field], bool):
+            raise ConfigError(f"probes.{field}={p[field]!r} must be True or False")
+    for field, allowed in SUBSETS.items():
+        values = p[field.split(".")[1]]
+        if not isinstance(values, list | tuple):
+            raise ConfigError(f"{field}={values!r} must be a tuple, e.g. --config.{field}='(a, b)'")
+        for v in values:
+            if allowed is None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ConfigError(f"{field} entry {v!r} must be a step number (an integer >= 0)")
+            if allowed is str and not (isinstance(v, str) and v):
+                raise ConfigError(f"{field} entry {v!r} must be a non-empty site pattern string")
+            if isinstance(allowed, tuple) and v not in allowed:
+                raise ConfigError(f"{field} entry {v!r} is not one of {', '.join(allowed)}")
+    if not p.sites:
+        raise ConfigError('probes.sites is empty: use ("*",) for every site, or probes.enabled=False')
+    ints = isinstance(p.exp_min, int) and isinstance(p.exp_max, int)
+    if not (ints and -149 <= p.exp_min < p.exp_max <= 127):
+        raise ConfigError(
+            f"probes.exp_min={p.exp_min!r}, probes.exp_max={p.exp_max!r} must be integers with "
+            "-149 <= exp_min < exp_max <= 127"
+        )
+    for bits in p.r_bits:
+        if not 2 <= bits <= 16:
+            raise ConfigError(f"probes.r_bits entry {bits!r} must be an integer in [2, 16]")
+    if bool(p.dump_steps) != bool(p.dump_sites):
+        raise ConfigError(
+            "probes.dump_steps and probes.dump_sites go together: set both (or neither) to dump tensors"
+        )
 
 
 def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:

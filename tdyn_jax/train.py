@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import signal
 import sys
 import time
@@ -17,16 +18,20 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from tdyn_jax import data as data_lib
 from tdyn_jax import sharding
 from tdyn_jax.checkpoint import Checkpoints, prepare_workdir
-from tdyn_jax.config import to_dict, validate
+from tdyn_jax.config import ConfigError, to_dict, validate
+from tdyn_jax.dumps import write_dumps
 from tdyn_jax.metrics import MetricsWriter
 from tdyn_jax.model import Transformer
 from tdyn_jax.optim import optimizer, schedule
+from tdyn_jax.probe_store import ProbeStore
+from tdyn_jax.probes import capture
+from tdyn_jax.probes.spec import ProbeSpec, layer_free
 
 
 @flax.struct.dataclass
@@ -59,17 +64,39 @@ def init_state(model: Transformer, tx: optax.GradientTransformation, seed: int, 
 
 
 def make_train_step(
-    model: Transformer, tx: optax.GradientTransformation, cfg: ml_collections.ConfigDict
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """One optimizer step: (state, batch) -> (new state, scalar metrics)."""
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    cfg: ml_collections.ConfigDict,
+    probe: ProbeSpec | None = None,
+) -> Callable:
+    """One optimizer step: (state, batch) -> (new state, scalar metrics).
+
+    With a `probe` spec it is the probed step, (state, batch) -> (new state, metrics, {site:
+    statistics}, {site: dumped tensors}), computing the same new state bit for bit.
+    """
     lr_fn = schedule(cfg.optim, cfg.train.num_steps)
+    probed = model.clone(probe=probe)
 
-    def loss_fn(params: Any, batch: dict) -> tuple[jax.Array, dict]:
-        logits = model.apply({"params": params}, batch["inputs"])
-        return cross_entropy(logits, batch["targets"], cfg.optim.z_loss)
+    def loss_fn(params: Any, batch: dict, taps: Any = None, key: jax.Array | None = None):
+        if probe is None:
+            logits = model.apply({"params": params}, batch["inputs"])
+            return cross_entropy(logits, batch["targets"], cfg.optim.z_loss)
+        logits, sown = probed.apply(
+            {"params": params, "grad_taps": taps}, batch["inputs"], rngs={"probe": key},
+            mutable=["intermediates", "dumps"],
+        )  # fmt: skip
+        loss, parts = cross_entropy(logits, batch["targets"], cfg.optim.z_loss)
+        return loss, (parts, sown)
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    def step(state: TrainState, batch: dict):
+        if probe is None:
+            (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        else:
+            key = jax.random.fold_in(jax.random.key(cfg.seed + 1), state.step)
+            taps = zero_grad_taps(probed, state.params, batch, key)
+            (loss, (parts, sown)), (grads, tap_grads) = jax.value_and_grad(
+                lambda p, t: loss_fn(p, batch, t, key), argnums=(0, 1), has_aux=True
+            )(state.params, taps)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
@@ -80,9 +107,40 @@ def make_train_step(
             "update_norm": optax.tree.norm(updates),
             "lr": lr_fn(state.step),
         }
-        return TrainState(state.step + 1, params, opt_state), metrics
+        new_state = TrainState(state.step + 1, params, opt_state)
+        if probe is None:
+            return new_state, metrics
+        captured = capture.sites(sown.get("intermediates", {})) | capture.sites(tap_grads)
+        if probe.params:
+            trees = {"params": state.params, "grads": grads, "updates": updates}
+            nu = second_moment(opt_state)
+            trees |= {} if nu is None else {"nu": nu}
+            captured |= capture.tree_stats(probe, trees, jax.random.fold_in(key, 1))
+        return new_state, metrics, captured, capture.sites(sown.get("dumps", {}))
 
     return step
+
+
+def zero_grad_taps(probed: Transformer, params: Any, batch: dict, key: jax.Array) -> Any:
+    """Zeros shaped like the model's grad_taps collection (the statistics of each tapped gradient)."""
+    shapes = jax.eval_shape(
+        lambda: probed.apply(
+            {"params": params}, batch["inputs"], rngs={"probe": key},
+            mutable=["grad_taps", "intermediates", "dumps"],
+        )[1].get("grad_taps", {})
+    )  # fmt: skip
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def second_moment(opt_state: Any) -> Any | None:
+    """The optimizer's second-moment estimate `nu` (Adam, AdamW), or None (SGD, Lion, Adafactor)."""
+    found = optax.tree.get_all_with_path(opt_state, "nu")
+    return found[0][1] if found else None
+
+
+def is_capture_step(probes: ml_collections.ConfigDict, step: int) -> bool:
+    """Whether step `step` (0-based, the step being taken) runs the probed step."""
+    return step % probes.every == 0 or step in probes.at_steps or step in probes.dump_steps
 
 
 def make_eval_step(model: Transformer) -> Callable[[Any, dict], jax.Array]:
@@ -137,10 +195,16 @@ class Program:
     abstract_state: Any  # ShapeDtypeStructs carrying the state shardings (restore target)
     train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]  # jitted, donates the state
     eval_step: Callable[[Any, dict], jax.Array]  # jitted mean cross-entropy
+    probe_step: Callable | None = None  # jitted probed step: + ({statistic: (sites, ...)}, {})
+    dump_step: Callable | None = None  # the probed step that also returns the tensors to dump
+    probe_index: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # statistic -> sites
 
 
 def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Program:
-    """Model, optimizer and jitted steps for `cfg`, laid out on `mesh`."""
+    """Model, optimizer and jitted steps for `cfg`, laid out on `mesh`.
+
+    Raises ConfigError when a probes.sites or probes.dump_sites pattern matches no site of the model.
+    """
     model = Transformer(cfg.model)
     tx = optimizer(cfg.optim, cfg.train.num_steps)
     init = init_state(model, tx, cfg.seed, cfg.data.seq_len)
@@ -157,7 +221,55 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Program:
         donate_argnums=0,
     )
     eval_step = jax.jit(make_eval_step(model), in_shardings=(state_sharding.params, batch_sharding))
-    return Program(model, jax.jit(init, out_shardings=state_sharding), abstract, train_step, eval_step)
+    program = Program(model, jax.jit(init, out_shardings=state_sharding), abstract, train_step, eval_step)
+    if not cfg.probes.enabled:
+        return program
+    tokens = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32)
+    batch = {"inputs": tokens, "targets": tokens}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def jit_probed(spec: ProbeSpec) -> tuple[Callable, dict[str, Any]]:
+        fn = make_train_step(model, tx, cfg, spec)
+        found: dict[str, Any] = {}  # site names, known once the step is traced
+
+        def packed(state: TrainState, b: dict) -> tuple:
+            new_state, metrics, blocks, dumped = fn(state, b)
+            found["index"] = capture.pack_index(blocks)
+            found["dumped"] = {name for names in dumped for name in names}
+            return new_state, metrics, capture.pack(blocks), dumped
+
+        jitted = jax.jit(
+            packed,
+            in_shardings=(state_sharding, batch_sharding),
+            out_shardings=(state_sharding, None, replicated, replicated),
+            donate_argnums=0,
+        )
+        jitted.trace(abstract, batch)
+        return jitted, found
+
+    spec = ProbeSpec.from_config(cfg.probes)
+    probe_step, found = jit_probed(spec)
+    index = found["index"]
+    captured = {layer_free(site) for sites in index.values() for site in sites}
+    _check_patterns("probes.sites", cfg.probes.sites, captured, prefixes=True)
+    dump_step = None
+    if cfg.probes.dump_steps:
+        dump_step, dump_found = jit_probed(spec.with_dumps(tuple(cfg.probes.dump_sites)))
+        _check_patterns("probes.dump_sites", cfg.probes.dump_sites, dump_found["dumped"], prefixes=False)
+    return dataclasses.replace(program, probe_step=probe_step, dump_step=dump_step, probe_index=index)
+
+
+def _check_patterns(field: str, patterns: tuple[str, ...], sites: set[str], prefixes: bool) -> None:
+    """ConfigError for the first pattern that matches none of `sites` (or of their prefixes)."""
+    names = sites
+    if prefixes:
+        names = {"/".join(s.split("/")[:i]) for s in sites for i in range(1, s.count("/") + 2)}
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            examples = ", ".join(sorted(names)[:6])
+            raise ConfigError(
+                f"{field} pattern {pattern!r} matches no site of this model; sites look like {examples}"
+            )
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
@@ -174,12 +286,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
     val = data_lib.Batches(
         val_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.seed + 1, pid, nproc, "validation"
     )
-    prepare_workdir(workdir, config)
     if cfg.train.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", str(data_lib.cache_dir() / "xla"))
-
     mesh = sharding.make_mesh(cfg)
     program = build(cfg, mesh)
+    prepare_workdir(workdir, config)
+
     ckpt = Checkpoints(workdir, cfg.checkpoint)
     latest = ckpt.latest_step()
     if latest is None:
@@ -189,6 +301,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
         batches.restore(data_state)
         logging.info("resumed %s from step %d", workdir, latest)
     start = int(state.step)
+    store = ProbeStore(workdir, program.probe_index) if program.probe_step else None
+    if store:
+        store.discard_after(start)
+    captures: list[tuple[int, Any]] = []  # taken since the last checkpoint, still on the devices
 
     val_batches = [val.batch(i) for i in range(cfg.train.eval_batches)]
 
@@ -209,7 +325,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
     interval_start, interval_steps, pending = time.perf_counter(), 0, []
     try:
         for step in range(start, cfg.train.num_steps):
-            state, metrics = program.train_step(state, sharding.global_batch(next(batches), mesh))
+            batch = sharding.global_batch(next(batches), mesh)
+            if store and is_capture_step(cfg.probes, step):
+                dump = step in cfg.probes.dump_steps
+                probe_step = program.dump_step if dump else program.probe_step
+                state, metrics, captured, dumped = probe_step(state, batch)
+                captures.append((step, captured))
+                if dump and jax.process_index() == 0:
+                    dumped = capture.per_site(jax.device_get(dumped))
+                    write_dumps(workdir, step, dumped, tuple(cfg.probes.dump_sites))
+            else:
+                state, metrics = program.train_step(state, batch)
             done = step + 1
             pending.append(metrics)
             interval_steps += 1
@@ -235,6 +361,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
                 pending, interval_steps = [], 0
                 interval_start = time.perf_counter()
             if done % cfg.checkpoint.every == 0 or final:
+                if captures:  # the chunk is on disk before the checkpoint that covers it starts
+                    store.save(done, jax.device_get(captures))
+                    captures = []
                 ckpt.save(done, state, batches.state, config)
             if stopping:
                 logging.warning("stop requested at step %d: checkpoint saved, exiting", done)
@@ -244,4 +373,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
         stop.restore()
         ckpt.close()
         writer.close()
+        if store:
+            store.close()
     return last

@@ -1,0 +1,1 @@
+"""In-step capture: what is measured at each site of the model, as pure jax.numpy functions."""

@@ -1,0 +1,235 @@
+"""Capture inside the model: sow statistics at named sites, tap activation gradients, gather sites.
+
+Every helper takes the calling Flax module; it does nothing unless the module's `probe` spec is set
+and wants the site. Statistics go to the `intermediates` collection (one variable per site), full
+tensors of dumped sites to `dumps`, and activation gradients come back as the gradient of a zero
+`grad_taps` variable whose cotangent is the statistics of dL/dx (a `custom_vjp` identity).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tdyn_jax.probes.energy import correlation, energy_stats, log_split, norms
+from tdyn_jax.probes.lowprec import lowprec_stats
+from tdyn_jax.probes.outliers import outlier_metrics
+from tdyn_jax.probes.spec import ProbeSpec
+
+Stats = dict[str, jax.Array]
+
+
+def _site(module: nn.Module, name: str | None) -> str:
+    return "/".join((*module.path, name) if name else module.path)
+
+
+def _sow(module: nn.Module, name: str, stats: Stats) -> None:
+    module.sow("intermediates", name, jax.lax.stop_gradient(stats))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tap(spec: ProbeSpec, x: jax.Array, slot: tuple[Stats], key_data: jax.Array) -> jax.Array:
+    del slot, key_data
+    return x
+
+
+def _tap_fwd(spec, x, slot, key_data):
+    del slot
+    return x, key_data
+
+
+def _tap_bwd(spec, key_data, g):
+    return g, (spec.summary(g, jax.random.wrap_key_data(key_data)),), None
+
+
+_tap.defvjp(_tap_fwd, _tap_bwd)
+
+
+def grad_tap(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
+    """Identity on x whose backward pass stores the statistics of dL/dx as the gradient of the zero
+    variable grad_taps/<name> (the caller differentiates with respect to that collection too)."""
+    key = module.make_rng("probe")
+    spec = module.probe
+
+    def zeros() -> tuple[Stats]:
+        shapes = jax.eval_shape(lambda: spec.summary(x, key))
+        return (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),)
+
+    slot = module.variable("grad_taps", name, zeros)
+    return _tap(spec, x, slot.value, jax.random.key_data(key))
+
+
+def activation(module: nn.Module, name: str, x: jax.Array, outliers: bool = True) -> jax.Array:
+    """Statistics of an activation x at site <module path>/<name> (+ outlier metrics over its last
+    axis as channels); returns x, gradient-tapped when the spec asks for gradients."""
+    spec: ProbeSpec | None = module.probe
+    site = _site(module, name)
+    if spec is None or not spec.wants(site):
+        return x
+    x_ = jax.lax.stop_gradient(x)
+    stats = spec.summary(x_, module.make_rng("probe"))
+    if outliers and "outliers" in spec.groups:
+        stats |= outlier_metrics(x_, spec.topk)
+    _sow(module, name, stats)
+    if spec.dumps(site):
+        module.sow("dumps", name, {"x": x})
+    return grad_tap(module, f"{name}/grad", x) if spec.grads else x
+
+
+def attention_probs(module: nn.Module, name: str, probs: jax.Array) -> None:
+    """Entropy (nats) and largest probability of each query's attention row (batch, heads, q, k)."""
+    spec: ProbeSpec | None = module.probe
+    if spec is None or not spec.wants(_site(module, name)):
+        return
+    p = jax.lax.stop_gradient(probs).astype(jnp.float32)
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+    top = jnp.max(p, axis=-1)
+    stats = {
+        "entropy_mean": jnp.mean(entropy),
+        "entropy_min": jnp.min(entropy),
+        "entropy_max": jnp.max(entropy),
+        "maxprob_mean": jnp.mean(top),
+        "maxprob_max": jnp.max(top),
+    }
+    _sow(module, name, stats)
+
+
+def log_partition(module: nn.Module, name: str, logits: jax.Array) -> None:
+    """Mean, std, min and max over tokens of log Z = logsumexp of the logits."""
+    spec: ProbeSpec | None = module.probe
+    if spec is None or not spec.wants(_site(module, name)):
+        return
+    log_z = jax.nn.logsumexp(jax.lax.stop_gradient(logits).astype(jnp.float32), axis=-1)
+    stats = {"mean": jnp.mean(log_z), "std": jnp.std(log_z), "min": jnp.min(log_z), "max": jnp.max(log_z)}
+    _sow(module, name, stats)
+
+
+def matmul(module: nn.Module, a: jax.Array, w: jax.Array, c: jax.Array, name: str | None = None) -> jax.Array:
+    """Statistics of one matmul in grouped form a (g, n, k) @ w (g, k, m) = c (g, n, m), sown as
+    <site>/in, /out (with outlier metrics when g == 1, i.e. tokens x channels), /a_norm, /w_norm,
+    /E (exact moments, log-variance split), /R (on [-1, 1]) and /lowprec. Returns c, gradient-tapped
+    (<site>/out/grad) when the spec asks for gradients. The site is the module path (+ `name`)."""
+    spec: ProbeSpec | None = module.probe
+    site = _site(module, name)
+    if spec is None or not spec.wants(site):
+        return c
+    prefix = f"{name}/" if name else ""
+    a, w, c32 = (jax.lax.stop_gradient(t.astype(jnp.float32)) for t in (a, w, c))
+    keys = jax.random.split(module.make_rng("probe"), 6)
+    dense = a.shape[0] == 1
+    parts = {"in": spec.summary(a, keys[0]), "out": spec.summary(c32, keys[1])}
+    if dense and "outliers" in spec.groups:
+        parts["in"] |= outlier_metrics(a[0], spec.topk)
+        parts["out"] |= outlier_metrics(c32[0], spec.topk)
+    if "energy" in spec.groups:
+        u, v = norms(a, w)
+        parts["a_norm"], parts["w_norm"] = spec.summary(u, keys[2]), spec.summary(v, keys[3])
+        parts["E"] = energy_stats(u, v) | log_split(c32, u, v)
+        parts["R"] = spec.summary(correlation(c32, u, v), keys[4], lin_range=(-1.0, 1.0))
+    if "lowprec" in spec.groups:
+        g, n, k = a.shape
+        rows = jax.random.randint(keys[5], (spec.quant_rows,), 0, g * n)
+        w_rows = w[0] if dense else w[rows // n]
+        parts["lowprec"] = lowprec_stats(
+            a, w, a.reshape(g * n, k)[rows], w_rows,
+            formats=spec.formats, scalings=spec.scalings, r_bits=spec.r_bits,
+        )  # fmt: skip
+    for part, stats in parts.items():
+        _sow(module, prefix + part, stats)
+    if spec.dumps(site):
+        tensors = {"A": a, "W": w, "C": c32}
+        if "energy" in spec.groups:
+            u, v = norms(a, w)
+            tensors |= {"E": u[:, :, None] * v[:, None, :], "R": correlation(c32, u, v)}
+        module.sow("dumps", name or "matmul", tensors)
+    return grad_tap(module, f"{prefix}out/grad", c) if spec.grads else c
+
+
+def _walk(tree: dict, path: tuple[str, ...]):
+    for key, value in tree.items():
+        if isinstance(value, tuple):  # a sown or tap variable: (stats,)
+            yield (*path, key), value[0]
+        else:
+            yield from _walk(value, (*path, key))
+
+
+Blocks = dict[tuple[str, ...], Stats]  # site names -> their statistics stacked along a leading axis
+
+
+def sites(tree: dict) -> Blocks:
+    """The sites of a sown collection as blocks: a scanned stack ('layers', leading axis = layer)
+    is one block of sites layer_00, layer_01, ...; any other site a block of one."""
+    out = {}
+    for path, value in _walk(tree, ()):
+        if "layers" not in path:
+            out[("/".join(path),)] = jax.tree.map(lambda t: t[None], value)
+            continue
+        i = path.index("layers")
+        depth = jax.tree.leaves(value)[0].shape[0]
+        names = tuple("/".join((*path[:i], f"layer_{j:02d}", *path[i + 1 :])) for j in range(depth))
+        out[names] = value
+    return out
+
+
+def tree_stats(spec: ProbeSpec, trees: dict[str, Any], key: jax.Array) -> Blocks:
+    """Statistics of every leaf of parameter-shaped trees {prefix: tree} (params, grads, updates,
+    second moment), one site <prefix>/<Flax path> per leaf and layer (scanned stacks are split).
+
+    Leaves of equal shape are stacked and summarised by one vmapped computation, so the compiled
+    step holds one copy of the statistics per distinct shape rather than one per leaf.
+    """
+    leaves: dict[str, jax.Array] = {}
+    for prefix, tree in trees.items():
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            names = tuple(str(getattr(p, "key", p)) for p in path)
+            site = "/".join((prefix, *names))
+            if not spec.wants(site):
+                continue
+            leaf = jax.lax.stop_gradient(leaf)
+            if "layers" in names:
+                i = names.index("layers")
+                for layer in range(leaf.shape[0]):
+                    leaves["/".join((prefix, *names[:i], f"layer_{layer:02d}", *names[i + 1 :]))] = leaf[
+                        layer
+                    ]
+            else:
+                leaves[site] = leaf
+    by_shape: dict[tuple, list[str]] = {}
+    for site, leaf in leaves.items():
+        by_shape.setdefault((leaf.shape, leaf.dtype), []).append(site)
+    out = {}
+    for g, group in enumerate(by_shape.values()):
+        keys = jax.random.split(jax.random.fold_in(key, g), len(group))
+        out[tuple(group)] = jax.vmap(spec.summary)(jnp.stack([leaves[s] for s in group]), keys)
+    return out
+
+
+def pack_index(blocks: Blocks) -> dict[str, list[str]]:
+    """{statistic: the sites that have it, in the order of `pack`} (works on shapes too)."""
+    index: dict[str, list[str]] = {}
+    for names in sorted(blocks):
+        for stat in blocks[names]:
+            index.setdefault(stat, []).extend(names)
+    return dict(sorted(index.items()))
+
+
+def pack(blocks: Blocks) -> dict[str, jax.Array]:
+    """{statistic: array (sites, ...)}: each statistic over the sites that have it (`pack_index`)."""
+    parts: dict[str, list[jax.Array]] = {}
+    for names in sorted(blocks):
+        for stat, value in blocks[names].items():
+            parts.setdefault(stat, []).append(value)
+    return {stat: jnp.concatenate(parts[stat]) for stat in sorted(parts)}
+
+
+def per_site(blocks: Blocks) -> dict[str, Any]:
+    """{site: value} of blocks (on the host: slicing outside the compiled step)."""
+    return {
+        name: jax.tree.map(lambda t, j=j: t[j], v)
+        for names, v in blocks.items()
+        for j, name in enumerate(names)
+    }

@@ -1,0 +1,101 @@
+"""Simulated low-precision matmuls: FP8 E4M3, FP8 E5M2 and INT8 casts of A and W, and the E/R format
+(E as a power of two, R with k uniform bits), each measured by the relative error of C = A @ W."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# name -> (dtype of the cast or None for integers, largest finite magnitude)
+FORMATS = {"e4m3": (jnp.float8_e4m3fn, 448.0), "e5m2": (jnp.float8_e5m2, 57344.0), "int8": (None, 127.0)}
+SCALINGS = ("none", "tensor", "channel")
+
+
+def scale(x: jax.Array, fmt: str, scaling: str, axis: int) -> jax.Array:
+    """The divisor that maps x onto the format: 1 (none), absmax(x) / fmt_max (tensor), or that per
+    slice along `axis` (channel: per row of A with axis=-1, per column of W with axis=-2)."""
+    top = FORMATS[fmt][1]
+    if scaling == "none":
+        return jnp.float32(1.0)
+    amax = jnp.max(jnp.abs(x), axis=None if scaling == "tensor" else axis, keepdims=scaling != "tensor")
+    return jnp.where(amax > 0, amax / top, 1.0)
+
+
+def quantize(x: jax.Array, fmt: str, s: jax.Array) -> jax.Array:
+    """x / s saturated to the format's range, rounded to the format (nearest, ties to even), times s."""
+    dtype, top = FORMATS[fmt]
+    y = jnp.clip(x / s, -top, top)
+    y = jnp.round(y) if dtype is None else y.astype(dtype).astype(jnp.float32)
+    return y * s
+
+
+def range_loss(x: jax.Array, fmt: str, s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(underflow, overflow) as fractions: nonzero x that quantize to 0, over the nonzero count; and x
+    whose rounded x / s lies beyond the format's largest magnitude (saturated), over all elements."""
+    dtype, top = FORMATS[fmt]
+    nonzero = x != 0
+    under = jnp.sum(nonzero & (quantize(x, fmt, s) == 0)) / jnp.maximum(jnp.sum(nonzero), 1)
+    y = x / s
+    rounded = jnp.round(y) if dtype is None else y.astype(dtype).astype(jnp.float32)
+    over = jnp.mean(~(jnp.abs(rounded) <= top))  # the fp8 cast of an overflow is nan or inf
+    return under.astype(jnp.float32), over.astype(jnp.float32)
+
+
+def _rows_matmul(a: jax.Array, w: jax.Array) -> jax.Array:
+    """a (r, k) times w: one (k, m) matrix for all rows, or one (r, k, m) per row."""
+    if w.ndim == 2:
+        return jnp.matmul(a, w, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("rk,rkm->rm", a, w, precision=jax.lax.Precision.HIGHEST)
+
+
+def rel_error(approx: jax.Array, exact: jax.Array) -> jax.Array:
+    """||approx - exact||_F / ||exact||_F."""
+    return jnp.sqrt(jnp.sum((approx - exact) ** 2) / jnp.sum(exact * exact))
+
+
+def lowprec_stats(
+    a: jax.Array,
+    w: jax.Array,
+    a_rows: jax.Array,
+    w_rows: jax.Array,
+    *,
+    formats: tuple[str, ...],
+    scalings: tuple[str, ...],
+    r_bits: tuple[int, ...],
+) -> dict[str, jax.Array]:
+    """Low-precision errors of one matmul.
+
+    a (g, n, k) and w (g, k, m) are the whole operands; the errors of C are measured on a subset of
+    rows: a_rows (r, k) with their w_rows ((k, m), or (r, k, m) when each row has its own group).
+    For each format F and scaling S (F/S/...): a_underflow, a_overflow, w_underflow, w_overflow over
+    the whole of A and W, and rel_err = ||Q(A) Q(W) - A W|| / ||A W|| (Frobenius). Channel scaling
+    scales A per row (token) and W per column (output channel).
+    For each k in r_bits, with Q_k(R) = round(R L) / L, L = 2^(k-1) - 1 (k uniform bits on [-1, 1]):
+    er/r{k}/rel_err rebuilds C as 2^round(log2 E_ij) * Q_k(R_ij) (E kept as an exponent only), and
+    r{k}/rel_err as E_ij * Q_k(R_ij) (E exact: it is only the n + m norms).
+    """
+    a, w = a.astype(jnp.float32), w.astype(jnp.float32)
+    a_rows, w_rows = a_rows.astype(jnp.float32), w_rows.astype(jnp.float32)
+    exact = _rows_matmul(a_rows, w_rows)
+    out = {}
+    for fmt in formats:
+        for scaling in scalings:
+            name = f"{fmt}/{scaling}"
+            sa, sw = scale(a, fmt, scaling, -1), scale(w, fmt, scaling, -2)
+            out[f"{name}/a_underflow"], out[f"{name}/a_overflow"] = range_loss(a, fmt, sa)
+            out[f"{name}/w_underflow"], out[f"{name}/w_overflow"] = range_loss(w, fmt, sw)
+            sa_rows = sa if scaling != "channel" else scale(a_rows, fmt, scaling, -1)
+            sw_rows = sw if scaling != "channel" else scale(w_rows, fmt, scaling, -2)
+            approx = _rows_matmul(quantize(a_rows, fmt, sa_rows), quantize(w_rows, fmt, sw_rows))
+            out[f"{name}/rel_err"] = rel_error(approx, exact)
+    u = jnp.sqrt(jnp.sum(a_rows * a_rows, axis=-1))[:, None]
+    v = jnp.sqrt(jnp.sum(w_rows * w_rows, axis=-2))
+    e = u * v
+    r = jnp.where(e > 0, exact / jnp.where(e > 0, e, 1.0), 0.0)
+    e_pow2 = jnp.where(e > 0, jnp.exp2(jnp.round(jnp.log2(jnp.where(e > 0, e, 1.0)))), 0.0)
+    for k in r_bits:
+        levels = 2.0 ** (k - 1) - 1
+        r_q = jnp.round(r * levels) / levels
+        out[f"er/r{k}/rel_err"] = rel_error(e_pow2 * r_q, exact)
+        out[f"r{k}/rel_err"] = rel_error(e * r_q, exact)
+    return out

@@ -252,7 +252,9 @@ def test_linear_init_and_residual_scaling():
     # Residual-stream outputs (attention out, MLP down) get the GPT-2 init_std / sqrt(2 * num_layers).
     cfg = model_cfg(num_layers=8)
     assert _linear_factory(cfg, None)(4, name="up").init_std == cfg.init_std
-    assert _linear_factory(cfg, None, residual_out=True)(4, name="down").init_std == pytest.approx(cfg.init_std / 4)
+    assert _linear_factory(cfg, None, residual_out=True)(4, name="down").init_std == pytest.approx(
+        cfg.init_std / 4
+    )
 
 
 def test_linear_with_call_time_kernel_has_no_own_kernel():

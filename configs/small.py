@@ -14,7 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.num_heads = 6
     c.model.d_ff = 768
     c.model.max_len = 128
-    c.model.scan_layers = False  # on XLA:CPU the unrolled layers run about 1.2-2x faster than the scan
+    # the scan compiles the probed step's per-layer statistics once instead of once per layer (minutes
+    # less on CPU); unrolled layers (scan_layers=False) run the plain step somewhat faster on XLA:CPU
+    c.model.scan_layers = True
     c.data.seq_len = 128
     c.data.batch_size = 16
     c.optim.lr = 2e-3

@@ -235,7 +235,7 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Program:
         def packed(state: TrainState, b: dict) -> tuple:
             new_state, metrics, blocks, dumped = fn(state, b)
             found["index"] = capture.pack_index(blocks)
-            found["dumped"] = {name for names in dumped for name in names}
+            found["dumped"] = {name.removesuffix("/dump") for names in dumped for name in names}
             return new_state, metrics, capture.pack(blocks), dumped
 
         jitted = jax.jit(
@@ -332,7 +332,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
                 state, metrics, captured, dumped = probe_step(state, batch)
                 captures.append((step, captured))
                 if dump and jax.process_index() == 0:
-                    dumped = capture.per_site(jax.device_get(dumped))
+                    dumped = capture.dumped_sites(jax.device_get(dumped))
                     write_dumps(workdir, step, dumped, tuple(cfg.probes.dump_sites))
             else:
                 state, metrics = program.train_step(state, batch)

@@ -58,6 +58,19 @@ BAD_CASES = [
     pytest.param({"optim.warmup_steps": 50}, None, "optim.warmup_steps", id="warmup_exceeds_steps"),
     pytest.param({"optim.warmup_steps": -1}, None, "optim.warmup_steps", id="warmup_negative"),
     pytest.param({"data.source": "text", "data.path": ""}, None, "data.path", id="text_without_path"),
+    pytest.param({"probes.enabled": "yes"}, None, "probes.enabled", id="probes_enabled_string"),
+    pytest.param({"probes.every": 0}, None, "probes.every", id="probes_every_zero"),
+    pytest.param({"probes.stats": ("moments", "energy")}, None, "probes.stats", id="probes_unknown_group"),
+    pytest.param({"probes.formats": ("fp4",)}, None, "probes.formats", id="probes_unknown_format"),
+    pytest.param({"probes.scalings": ("block",)}, None, "probes.scalings", id="probes_unknown_scaling"),
+    pytest.param({"probes.at_steps": (10, -1)}, None, "probes.at_steps", id="probes_negative_step"),
+    pytest.param({"probes.at_steps": 10}, None, "probes.at_steps", id="probes_steps_not_tuple"),
+    pytest.param({"probes.sites": ()}, None, "probes.sites", id="probes_no_sites"),
+    pytest.param({"probes.sites": ("",)}, None, "probes.sites", id="probes_empty_pattern"),
+    pytest.param({"probes.r_bits": (1,)}, None, "probes.r_bits", id="probes_r_bits_too_few"),
+    pytest.param({"probes.exp_min": 16}, None, "probes.exp_min", id="probes_exp_range_empty"),
+    pytest.param({"probes.sample_size": 0}, None, "probes.sample_size", id="probes_sample_size_zero"),
+    pytest.param({"probes.dump_steps": (3,)}, None, "probes.dump_steps", id="probes_dump_without_sites"),
     pytest.param({"data.source": "tokens", "data.path": ""}, None, "data.path", id="tokens_without_path"),
     pytest.param({"data.val_fraction": 0.0}, None, "data.val_fraction", id="val_fraction_zero"),
     pytest.param({"data.val_fraction": 0.5}, None, "data.val_fraction", id="val_fraction_half"),
@@ -175,3 +188,14 @@ def test_resume_conflicts_reports_added_and_removed_fields():
     del new["model"]["qk_norm"]
     conflicts = resume_conflicts(saved, new)
     assert sorted(c.split("=")[0] for c in conflicts) == ["model.extra", "model.qk_norm"]
+
+
+def test_resume_may_change_when_to_capture_but_not_what():
+    saved = to_dict(tiny.get_config())
+    when = tiny.get_config()
+    when.probes.every, when.probes.at_steps = 7, (3,)
+    when.probes.dump_steps, when.probes.dump_sites = (5,), ("layer_00/resid/out",)
+    assert resume_conflicts(saved, to_dict(when)) == []
+    what = tiny.get_config()
+    what.probes.sites = ("resid/*",)
+    assert [c.split("=")[0] for c in resume_conflicts(saved, to_dict(what))] == ["probes.sites"]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,10 +12,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pandas as pd
 import pytest
+
+from tdyn_jax.analysis import load
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+PLAIN = "--config.probes.enabled=False"  # for the tests of the loop itself: no probed step to compile
 
 
 def _cmd(workdir, *overrides):
@@ -70,6 +75,8 @@ def test_end_to_end_then_rerun_resumes(tmp_path):
     assert {"grad_norm", "param_norm", "update_norm", "lr", "tokens_per_s", "step_time_s"} <= set(rows[-1])
     assert json.loads((w / "config.json").read_text())["model"]["d_model"] == 32
     assert sorted(p.name for p in (w / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]
+    assert sorted(p.name for p in (w / "probes").iterdir()) == ["10", "20"]  # one chunk per checkpoint
+    assert list(load(w).steps) == [0, 5, 10, 15]
 
     again = _run(w)  # same command: resumes at the end, trains nothing, duplicates nothing
     assert again.returncode == 0, again.stderr[-3000:]
@@ -79,10 +86,12 @@ def test_end_to_end_then_rerun_resumes(tmp_path):
     longer = _run(w, "--config.train.num_steps=30")
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert [r["step"] for r in _metrics(w)] == [5, 10, 15, 20, 25, 30]
+    assert list(load(w).steps) == [0, 5, 10, 15, 20, 25]
 
 
 def test_kill_and_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     steps = ["--config.train.num_steps=1000", "--config.checkpoint.every=50", "--config.checkpoint.keep=2"]
+    steps.append("--config.probes.every=50")
     ref, crashed = tmp_path / "ref", tmp_path / "crashed"
     done = _run(ref, *steps)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -91,6 +100,8 @@ def test_kill_and_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
         _cmd(crashed, *steps), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     _wait_for(lambda: (crashed / "checkpoints" / "100").exists(), proc)
+    while_running = load(crashed).steps  # a run that is still training can be read
+    assert list(while_running) == list(range(0, 50 * len(while_running), 50)) and len(while_running) >= 2
     proc.kill()
     proc.communicate()
     killed_at = max(r["step"] for r in _metrics(crashed))
@@ -99,6 +110,9 @@ def test_kill_and_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     partial = crashed / "checkpoints" / f"{saved + 50}.orbax-checkpoint-tmp"  # a save cut short
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "truncated").write_bytes(b"\0" * 100)
+    stray = crashed / "probes" / str(saved + 50)  # a chunk whose train-state checkpoint never finished
+    if not stray.exists():
+        shutil.copytree(crashed / "probes" / str(saved), stray)
 
     resumed = _run(crashed, *steps)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -111,12 +125,19 @@ def test_kill_and_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     assert [r["step"] for r in new_rows] == [r["step"] for r in ref_rows]  # each step exactly once
     assert [r["loss"] for r in new_rows] == [r["loss"] for r in ref_rows]
     assert not partial.exists()
+    # every capture step on disk exactly once, with the values of the uninterrupted run
+    ref_captures, new_captures = load(ref), load(crashed)
+    assert list(new_captures.steps) == list(range(0, 1000, 50))
+    assert not new_captures.table.duplicated(["step", "site", "stat"]).any()
+    pd.testing.assert_frame_equal(new_captures.table, ref_captures.table)
+    for stat, array in ref_captures.arrays.items():
+        assert np.array_equal(new_captures.arrays[stat].values, array.values, equal_nan=True), stat
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_a_checkpoint_exits_zero_and_resumes(tmp_path, sig):
     w = tmp_path / "run"
-    steps = ["--config.train.num_steps=100000", "--config.checkpoint.every=100000"]
+    steps = ["--config.train.num_steps=100000", "--config.checkpoint.every=100000", PLAIN]
     proc = subprocess.Popen(
         _cmd(w, *steps), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -145,13 +166,21 @@ def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path):
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1].startswith("error: data.path=/nonexistent/corpus.txt")
     assert not w.exists()
+    typo = _run(w, "--config.probes.sites=('resid/out', 'atn/*')")
+    assert typo.returncode == 2
+    assert (
+        typo.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: probes.sites pattern 'atn/*' matches no site of this model; sites look like")
+    )
+    assert not w.exists()
 
 
 def test_incompatible_resume_is_refused_and_leaves_the_run_as_it_was(tmp_path):
     w = tmp_path / "run"
-    assert _run(w, "--config.train.num_steps=10").returncode == 0
+    assert _run(w, "--config.train.num_steps=10", PLAIN).returncode == 0
     before = {p: p.read_bytes() for p in w.rglob("*") if p.is_file()}
-    refused = _run(w, "--config.model.num_layers=3", "--config.train.num_steps=20")
+    refused = _run(w, "--config.model.num_layers=3", "--config.train.num_steps=20", PLAIN)
     assert refused.returncode == 2
     line = refused.stderr.strip().splitlines()[-1]
     assert line.startswith("error: cannot resume") and "model.num_layers=2 (saved) vs 3" in line
@@ -169,6 +198,7 @@ def _free_port():
 def _run_two_processes(workdir, *overrides):
     """The same run.py command as processes 0 and 1 of one JAX job (CPU, gloo collectives)."""
     job = [f"--config.mesh.coordinator_address=localhost:{_free_port()}", "--config.mesh.num_processes=2"]
+    job.append(PLAIN)
     procs = [
         subprocess.Popen(
             _cmd(workdir, *job, f"--config.mesh.process_id={i}", *overrides),
@@ -188,7 +218,7 @@ def _run_two_processes(workdir, *overrides):
 
 def test_two_process_run_matches_one_process_and_resumes(tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
-    assert _run(single).returncode == 0
+    assert _run(single, PLAIN).returncode == 0
     _run_two_processes(multi)
     one, two = _leaves(_final_params(single, 20)), _leaves(_final_params(multi, 20))
     for name, value in one.items():
@@ -202,10 +232,10 @@ def test_two_process_run_matches_one_process_and_resumes(tmp_path):
 def test_resume_on_a_different_mesh_reshards_the_checkpoint(tmp_path):
     ref, moved = tmp_path / "ref", tmp_path / "moved"
     constant = "--config.optim.schedule=constant"  # so that stopping at step 10 changes no lr
-    assert _run(ref, constant).returncode == 0
-    assert _run(moved, constant, "--config.train.num_steps=10").returncode == 0  # one device
+    assert _run(ref, constant, PLAIN).returncode == 0
+    assert _run(moved, constant, PLAIN, "--config.train.num_steps=10").returncode == 0  # one device
     eight = subprocess.run(
-        _cmd(moved, constant, "--config.mesh.fsdp=2"),  # 4 (data) x 2 (fsdp) virtual devices
+        _cmd(moved, constant, PLAIN, "--config.mesh.fsdp=2"),  # 4 (data) x 2 (fsdp) virtual devices
         cwd=ROOT,
         env={**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
         capture_output=True,

@@ -76,7 +76,7 @@ def activation(module: nn.Module, name: str, x: jax.Array, outliers: bool = True
         stats |= outlier_metrics(x_, spec.topk)
     _sow(module, name, stats)
     if spec.dumps(site):
-        module.sow("dumps", name, {"x": x})
+        module.sow("dumps", f"{name}/dump", {"x": x})
     return grad_tap(module, f"{name}/grad", x) if spec.grads else x
 
 
@@ -127,7 +127,11 @@ def matmul(module: nn.Module, a: jax.Array, w: jax.Array, c: jax.Array, name: st
         parts["out"] |= outlier_metrics(c32[0], spec.topk)
     if "energy" in spec.groups:
         u, v = norms(a, w)
-        parts["a_norm"], parts["w_norm"] = spec.summary(u, keys[2]), spec.summary(v, keys[3])
+        log_only = frozenset({"exp_hist"})  # the norms' moments and dynamic range
+        parts["a_norm"], parts["w_norm"] = (
+            spec.summary(u, keys[2], only=log_only),
+            spec.summary(v, keys[3], only=log_only),
+        )
         parts["E"] = energy_stats(u, v) | log_split(c32, u, v)
         parts["R"] = spec.summary(correlation(c32, u, v), keys[4], lin_range=(-1.0, 1.0))
     if "lowprec" in spec.groups:
@@ -145,7 +149,7 @@ def matmul(module: nn.Module, a: jax.Array, w: jax.Array, c: jax.Array, name: st
         if "energy" in spec.groups:
             u, v = norms(a, w)
             tensors |= {"E": u[:, :, None] * v[:, None, :], "R": correlation(c32, u, v)}
-        module.sow("dumps", name or "matmul", tensors)
+        module.sow("dumps", f"{prefix}dump", tensors)
     return grad_tap(module, f"{prefix}out/grad", c) if spec.grads else c
 
 
@@ -226,10 +230,10 @@ def pack(blocks: Blocks) -> dict[str, jax.Array]:
     return {stat: jnp.concatenate(parts[stat]) for stat in sorted(parts)}
 
 
-def per_site(blocks: Blocks) -> dict[str, Any]:
-    """{site: value} of blocks (on the host: slicing outside the compiled step)."""
+def dumped_sites(blocks: Blocks) -> dict[str, dict[str, Any]]:
+    """{site: {tensor: array}} of the `dumps` blocks (on the host, outside the compiled step)."""
     return {
-        name: jax.tree.map(lambda t, j=j: t[j], v)
-        for names, v in blocks.items()
+        name.removesuffix("/dump"): jax.tree.map(lambda t, j=j: t[j], tensors)
+        for names, tensors in blocks.items()
         for j, name in enumerate(names)
     }

@@ -48,9 +48,58 @@ def _rows_matmul(a: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("rk,rkm->rm", a, w, precision=jax.lax.Precision.HIGHEST)
 
 
+def nearest_power_of_two(x: jax.Array) -> jax.Array:
+    """2^round(log2 x) for x > 0 (0 elsewhere), from the float's own exponent: x = m 2^e with m in
+    [0.5, 1) rounds to 2^(e-1) when m < 2^-0.5, else to 2^e."""
+    m, e = jnp.frexp(x)
+    return jnp.where(x > 0, jnp.ldexp(jnp.ones_like(x), jnp.where(m < 2.0**-0.5, e - 1, e)), 0.0)
+
+
 def rel_error(approx: jax.Array, exact: jax.Array) -> jax.Array:
     """||approx - exact||_F / ||exact||_F."""
     return jnp.sqrt(jnp.sum((approx - exact) ** 2) / jnp.sum(exact * exact))
+
+
+def _stacked_scales(x: jax.Array, fmt: str, scalings: tuple[str, ...], axis: int) -> jax.Array:
+    """The scales of x for each scaling, broadcast to one shape and stacked on a new leading axis."""
+    shape = list(x.shape)
+    shape[axis] = 1
+    return jnp.stack([jnp.broadcast_to(scale(x, fmt, sc, axis), shape) for sc in scalings])
+
+
+def _format_stats(
+    a: jax.Array,
+    w: jax.Array,
+    a_rows: jax.Array,
+    w_rows: jax.Array,
+    exact: jax.Array,
+    fmt: str,
+    scalings: tuple[str, ...],
+) -> dict[str, jax.Array]:
+    """The range losses and the error of C in format `fmt`, for all `scalings` at once."""
+    sa, sw = _stacked_scales(a, fmt, scalings, -1), _stacked_scales(w, fmt, scalings, -2)
+    a_under, a_over = jax.vmap(lambda s: range_loss(a, fmt, s))(sa)
+    w_under, w_over = jax.vmap(lambda s: range_loss(w, fmt, s))(sw)
+    # rows: tensor scales come from the whole operand, channel scales from the rows themselves
+    ones_a = jnp.ones((a_rows.shape[0], 1))
+    ones_w = jnp.ones((*w_rows.shape[:-2], 1, w_rows.shape[-1]))
+    sa_rows = jnp.stack(
+        [scale(a_rows, fmt, sc, -1) if sc == "channel" else sa[i].reshape(-1)[0] * ones_a
+         for i, sc in enumerate(scalings)]
+    )  # fmt: skip
+    sw_rows = jnp.stack(
+        [scale(w_rows, fmt, sc, -2) if sc == "channel" else sw[i].reshape(-1)[0] * ones_w
+         for i, sc in enumerate(scalings)]
+    )  # fmt: skip
+    quantized = lambda s_a, s_w: _rows_matmul(quantize(a_rows, fmt, s_a), quantize(w_rows, fmt, s_w))
+    errors = jax.vmap(lambda s_a, s_w: rel_error(quantized(s_a, s_w), exact))(sa_rows, sw_rows)
+    out = {}
+    for i, sc in enumerate(scalings):
+        name = f"{fmt}/{sc}"
+        out[f"{name}/a_underflow"], out[f"{name}/a_overflow"] = a_under[i], a_over[i]
+        out[f"{name}/w_underflow"], out[f"{name}/w_overflow"] = w_under[i], w_over[i]
+        out[f"{name}/rel_err"] = errors[i]
+    return out
 
 
 def lowprec_stats(
@@ -69,7 +118,8 @@ def lowprec_stats(
     rows: a_rows (r, k) with their w_rows ((k, m), or (r, k, m) when each row has its own group).
     For each format F and scaling S (F/S/...): a_underflow, a_overflow, w_underflow, w_overflow over
     the whole of A and W, and rel_err = ||Q(A) Q(W) - A W|| / ||A W|| (Frobenius). Channel scaling
-    scales A per row (token) and W per column (output channel).
+    scales A per row (token) and W per column (output channel). The scalings of one format are
+    computed together, stacked along a leading axis.
     For each k in r_bits, with Q_k(R) = round(R L) / L, L = 2^(k-1) - 1 (k uniform bits on [-1, 1]):
     er/r{k}/rel_err rebuilds C as 2^round(log2 E_ij) * Q_k(R_ij) (E kept as an exponent only), and
     r{k}/rel_err as E_ij * Q_k(R_ij) (E exact: it is only the n + m norms).
@@ -79,20 +129,12 @@ def lowprec_stats(
     exact = _rows_matmul(a_rows, w_rows)
     out = {}
     for fmt in formats:
-        for scaling in scalings:
-            name = f"{fmt}/{scaling}"
-            sa, sw = scale(a, fmt, scaling, -1), scale(w, fmt, scaling, -2)
-            out[f"{name}/a_underflow"], out[f"{name}/a_overflow"] = range_loss(a, fmt, sa)
-            out[f"{name}/w_underflow"], out[f"{name}/w_overflow"] = range_loss(w, fmt, sw)
-            sa_rows = sa if scaling != "channel" else scale(a_rows, fmt, scaling, -1)
-            sw_rows = sw if scaling != "channel" else scale(w_rows, fmt, scaling, -2)
-            approx = _rows_matmul(quantize(a_rows, fmt, sa_rows), quantize(w_rows, fmt, sw_rows))
-            out[f"{name}/rel_err"] = rel_error(approx, exact)
+        out |= _format_stats(a, w, a_rows, w_rows, exact, fmt, scalings)
     u = jnp.sqrt(jnp.sum(a_rows * a_rows, axis=-1))[:, None]
     v = jnp.sqrt(jnp.sum(w_rows * w_rows, axis=-2))
     e = u * v
     r = jnp.where(e > 0, exact / jnp.where(e > 0, e, 1.0), 0.0)
-    e_pow2 = jnp.where(e > 0, jnp.exp2(jnp.round(jnp.log2(jnp.where(e > 0, e, 1.0)))), 0.0)
+    e_pow2 = nearest_power_of_two(e)
     for k in r_bits:
         levels = 2.0 ** (k - 1) - 1
         r_q = jnp.round(r * levels) / levels

@@ -75,13 +75,17 @@ class ProbeSpec:
         return any(fnmatch.fnmatchcase(name, layer_free(p)) for p in self.dump_sites)
 
     def summary(
-        self, x: jax.Array, key: jax.Array, lin_range: tuple[float, float] | None = None
+        self,
+        x: jax.Array,
+        key: jax.Array,
+        lin_range: tuple[float, float] | None = None,
+        only: frozenset[str] | None = None,
     ) -> dict[str, jax.Array]:
-        """`stats.summary` with this spec's groups, bins and sample size."""
+        """`stats.summary` with this spec's groups (those in `only`, if given), bins and sample size."""
         return summary(
             x,
             key,
-            groups=self.groups,
+            groups=self.groups if only is None else self.groups & only,
             exp_range=(self.exp_min, self.exp_max),
             lin_bins=self.lin_bins,
             sample_size=self.sample_size,

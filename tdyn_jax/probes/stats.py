@@ -26,27 +26,25 @@ def moments(x: jax.Array) -> dict[str, jax.Array]:
     finite = jnp.isfinite(x)
     xf = jnp.where(finite, x, 0.0)
     absx = jnp.abs(xf)
-    # few fused passes: each jnp.stack of elementwise terms feeds a single reduction
-    n, total, squares, zeros = jnp.sum(jnp.stack([finite.astype(jnp.float32), xf, xf * xf, x == 0]), axis=1)
-    lows = jnp.min(jnp.stack([jnp.where(finite, x, jnp.inf), jnp.where(finite, -x, jnp.inf),
-                              jnp.where(absx > 0, absx, jnp.inf)]), axis=1)  # fmt: skip
-    mean = total / n
+    n = jnp.sum(finite, dtype=jnp.int32).astype(jnp.float32)
+    mean = jnp.sum(xf) / n
     d = jnp.where(finite, x - mean, 0.0)
     d2 = d * d
-    m2, m3, m4 = jnp.sum(jnp.stack([d2, d2 * d, d2 * d2]), axis=1) / n
-    low, high, min_nonzero = lows[0], -lows[1], lows[2]
+    m2, m3, m4 = jnp.sum(d2) / n, jnp.sum(d2 * d) / n, jnp.sum(d2 * d2) / n
+    low, high = jnp.min(jnp.where(finite, x, jnp.inf)), jnp.max(jnp.where(finite, x, -jnp.inf))
+    min_nonzero = jnp.min(jnp.where(absx > 0, absx, jnp.inf))
     return {
         "count": jnp.float32(x.size),
         "mean": mean,
         "std": jnp.sqrt(m2),
         "skewness": m3 / m2**1.5,
         "kurtosis": m4 / (m2 * m2) - 3.0,
-        "rms": jnp.sqrt(squares / n),
+        "rms": jnp.sqrt(jnp.sum(xf * xf) / n),
         "absmax": jnp.maximum(jnp.abs(low), jnp.abs(high)),
         "min": low,
         "max": high,
         "min_nonzero": jnp.where(jnp.isinf(min_nonzero), jnp.nan, min_nonzero),
-        "frac_zero": zeros / x.size,
+        "frac_zero": jnp.sum(x == 0, dtype=jnp.int32).astype(jnp.float32) / x.size,
         "nonfinite": jnp.float32(x.size) - n,
     }
 
@@ -87,20 +85,23 @@ def linear_histogram(
     """(counts, edges): `bins` equal bins on [lo, hi] (default: the finite min and max of x).
 
     Same rule as `numpy.histogram(x, bins=edges)`: bin k holds edges[k] <= x < edges[k+1], the last bin
-    also holds x == edges[-1]; values outside [lo, hi] and non-finite values are not counted.
+    also holds x == edges[-1]; values outside [lo, hi] and non-finite values are not counted. A range
+    narrower than max(1, |lo|) * 2^-10 (a constant or nearly constant tensor) is widened to that
+    width above lo, so that the edges are distinct float32 numbers.
     """
     x = x.astype(jnp.float32).reshape(-1)
     finite = jnp.isfinite(x)
     lo = jnp.min(jnp.where(finite, x, jnp.inf)) if lo is None else jnp.float32(lo)
     hi = jnp.max(jnp.where(finite, x, -jnp.inf)) if hi is None else jnp.float32(hi)
     lo, hi = jnp.where(finite.any(), lo, 0.0), jnp.where(finite.any(), hi, 1.0)
-    hi = jnp.where(hi > lo, hi, lo + 1.0)  # a constant tensor: one bin of width 1 holds it all
+    min_width = jnp.maximum(1.0, jnp.abs(lo)) * 2.0**-10
+    hi = jnp.where(hi - lo >= min_width, hi, lo + min_width)
     edges = jnp.linspace(lo, hi, bins + 1, dtype=jnp.float32)
     idx = jnp.clip(jnp.floor((x - lo) * (bins / (hi - lo))), 0, bins - 1).astype(jnp.int32)
     # exact against the stored edges, as numpy does: move one bin down or up where rounding missed
     idx = jnp.where(x < edges[idx], idx - 1, idx)
     idx = jnp.where((x >= edges[idx + 1]) & (idx < bins - 1), idx + 1, idx)
-    inside = finite & (x >= lo) & (x <= hi)
+    inside = finite & (x >= edges[0]) & (x <= edges[-1])
     idx = jnp.where(inside, idx, bins)
     counts = jnp.zeros((bins,), jnp.int32).at[idx].add(1, mode="drop")
     return counts.astype(jnp.float32), edges

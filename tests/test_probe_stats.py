@@ -1,0 +1,659 @@
+"""Tests of `tdyn_jax.probes` statistics (stats, outliers, energy, lowprec) against float64 numpy/scipy
+references computed on the same float32 data."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import scipy.stats
+
+from tdyn_jax.probes import energy, lowprec, outliers, stats
+
+# ----------------------------------------------------------------------------------------------------
+# float64 numpy references
+# ----------------------------------------------------------------------------------------------------
+
+FP8 = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}
+FMT_MAX = {"e4m3": 448.0, "e5m2": 57344.0, "int8": 127.0}
+
+
+def ref_moments(x):
+    """The documented statistics of `stats.moments`, in float64 (finite values only)."""
+    x = np.asarray(x, np.float32).reshape(-1)
+    xf = x[np.isfinite(x)].astype(np.float64)
+    nz = np.abs(xf[xf != 0])
+    return {
+        "count": x.size,
+        "mean": xf.mean(),
+        "std": xf.std(ddof=0),
+        "skewness": scipy.stats.skew(xf, bias=True),
+        "kurtosis": scipy.stats.kurtosis(xf, fisher=True, bias=True),
+        "rms": np.sqrt(np.mean(xf**2)),
+        "absmax": np.abs(xf).max(),
+        "min": xf.min(),
+        "max": xf.max(),
+        "min_nonzero": nz.min() if nz.size else np.nan,
+        "frac_zero": np.sum(x == 0) / x.size,
+        "nonfinite": np.sum(~np.isfinite(x)),
+    }
+
+
+def ref_exp_histogram(x, exp_min, exp_max):
+    """Counts per label of `stats.exp_hist_labels`, labels computed with np.frexp in float64."""
+    x = np.asarray(x, np.float32).reshape(-1)
+    x = x[np.isfinite(x)].astype(np.float64)
+    _, e = np.frexp(np.abs(x))
+    e = np.clip(e - 1, exp_min - 1, exp_max)  # floor(log2 |x|) for normal nonzero x
+    label = np.where(x == 0, 0, np.sign(x) * (e + 1000))
+    return np.array([np.sum(label == lab) for lab in stats.exp_hist_labels(exp_min, exp_max)])
+
+
+def ref_outliers(x, topk):
+    """Straightforward float64 versions of the formulas in `outliers.outlier_metrics`."""
+    d = x.shape[-1]
+    a = np.abs(np.asarray(x, np.float64).reshape(-1, d))
+    s = np.sqrt(np.mean(a**2, axis=0))  # RMS of each channel
+    order = np.argsort(-a.reshape(-1), kind="stable")[:topk]
+    return {
+        "rms_kurtosis": np.mean(s**4) / np.mean(s**2) ** 2,
+        "max_median_ratio": np.mean(a.max(axis=1) / np.median(a, axis=1)),
+        "int8_outlier_channels": np.sum(100 * np.sum(a >= 6, axis=0) >= 6 * a.shape[0]),  # >= 6%
+        "massive_ratio": a.reshape(-1)[order] / np.median(a),
+        "massive_channel": order % d,
+        "massive_token": order // d,
+    }
+
+
+def ref_energy_matrix(u, v):
+    """E_gij = u_gi v_gj, materialised in float64."""
+    u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+    return u[:, :, None] * v[:, None, :]
+
+
+def ref_scale(x, fmt, scaling, axis):
+    """float32 divisor as documented: 1, absmax / fmt_max over all of x, or per slice along `axis`."""
+    x = np.asarray(x, np.float32)
+    if scaling == "none":
+        return np.float32(1.0)
+    amax = np.max(np.abs(x), axis=None if scaling == "tensor" else axis, keepdims=scaling != "tensor")
+    return np.where(amax > 0, amax / np.float32(FMT_MAX[fmt]), np.float32(1.0)).astype(np.float32)
+
+
+def ref_quantize(x, fmt, s):
+    """float32 round trip through the format with ml_dtypes (fp8) or np.round (int8)."""
+    x, s, top = np.asarray(x, np.float32), np.asarray(s, np.float32), np.float32(FMT_MAX[fmt])
+    y = np.clip(x / s, -top, top)
+    y = np.round(y) if fmt == "int8" else y.astype(FP8[fmt]).astype(np.float32)
+    return (y * s).astype(np.float32)
+
+
+def ref_overflows(y, fmt):
+    """Whether y rounds (nearest, ties to even) beyond the format's largest magnitude: e4m3 saturates
+    above 464 (the tie 464 goes to 448), e5m2 at 61440 (the tie goes to 2^16), int8 at 127.5."""
+    y = np.abs(np.asarray(y, np.float64))
+    return y > 464.0 if fmt == "e4m3" else y >= (61440.0 if fmt == "e5m2" else 127.5)
+
+
+def ref_range_loss(x, fmt, s):
+    """(underflow, overflow) fractions of `lowprec.range_loss`."""
+    x = np.asarray(x, np.float32)
+    nonzero = x != 0
+    under = np.sum(nonzero & (ref_quantize(x, fmt, s) == 0)) / max(np.sum(nonzero), 1)
+    over = np.mean(ref_overflows(x / np.asarray(s, np.float32), fmt))
+    return under, over
+
+
+def matmul64(a, w):
+    """a (r, k) times w (k, m), or one (k, m) per row for w (r, k, m), in float64."""
+    a, w = np.asarray(a, np.float64), np.asarray(w, np.float64)
+    return a @ w if w.ndim == 2 else np.einsum("rk,rkm->rm", a, w)
+
+
+def rel_err64(approx, exact):
+    return np.linalg.norm(approx - exact) / np.linalg.norm(exact)
+
+
+def ref_lowprec_stats(a, w, a_rows, w_rows, formats, scalings, r_bits):
+    """float64 version of `lowprec.lowprec_stats` built from the ml_dtypes casts."""
+    exact = matmul64(a_rows, w_rows)
+    out = {}
+    for fmt in formats:
+        for scaling in scalings:
+            name = f"{fmt}/{scaling}"
+            sa, sw = ref_scale(a, fmt, scaling, -1), ref_scale(w, fmt, scaling, -2)
+            out[f"{name}/a_underflow"], out[f"{name}/a_overflow"] = ref_range_loss(a, fmt, sa)
+            out[f"{name}/w_underflow"], out[f"{name}/w_overflow"] = ref_range_loss(w, fmt, sw)
+            if scaling == "channel":
+                sa, sw = ref_scale(a_rows, fmt, scaling, -1), ref_scale(w_rows, fmt, scaling, -2)
+            approx = matmul64(ref_quantize(a_rows, fmt, sa), ref_quantize(w_rows, fmt, sw))
+            out[f"{name}/rel_err"] = rel_err64(approx, exact)
+    u = np.linalg.norm(np.asarray(a_rows, np.float64), axis=-1)[:, None]
+    v = np.linalg.norm(np.asarray(w_rows, np.float64), axis=-2)
+    e = u * v
+    r = exact / e
+    for k in r_bits:
+        levels = 2.0 ** (k - 1) - 1
+        r_q = np.round(r * levels) / levels
+        out[f"er/r{k}/rel_err"] = rel_err64(np.exp2(np.round(np.log2(e))) * r_q, exact)
+        out[f"r{k}/rel_err"] = rel_err64(e * r_q, exact)
+    return out
+
+
+def f32(x):
+    return np.asarray(x, np.float32)
+
+
+def to_np(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+# ----------------------------------------------------------------------------------------------------
+# jitted functions under test (one compilation per shape)
+# ----------------------------------------------------------------------------------------------------
+
+EXP_MIN, EXP_MAX = -10, 10
+LIN_BINS = 16
+SAMPLE = 256
+TOPK = 3
+FORMATS = ("e4m3", "e5m2", "int8")
+SCALINGS = ("none", "tensor", "channel")
+R_BITS = (4, 8)
+
+moments = jax.jit(stats.moments)
+exp_histogram = jax.jit(functools.partial(stats.exp_histogram, exp_min=EXP_MIN, exp_max=EXP_MAX))
+linear_histogram = jax.jit(stats.linear_histogram, static_argnums=1)
+uniform_sample = jax.jit(stats.uniform_sample, static_argnums=2)
+outlier_metrics = jax.jit(outliers.outlier_metrics, static_argnums=1)
+norms = jax.jit(energy.norms)
+correlation = jax.jit(energy.correlation)
+energy_stats = jax.jit(energy.energy_stats)
+log_split = jax.jit(energy.log_split)
+quantize = jax.jit(lowprec.quantize, static_argnums=1)
+scale = jax.jit(lowprec.scale, static_argnums=(1, 2, 3))
+range_loss = jax.jit(lowprec.range_loss, static_argnums=1)
+lowprec_stats = jax.jit(
+    functools.partial(lowprec.lowprec_stats, formats=FORMATS, scalings=SCALINGS, r_bits=R_BITS)
+)
+
+# ----------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------
+
+N_MOM = 4096
+
+
+def heavy_tailed_data(seed=0):
+    """Student-t (3 dof) values with exact zeros, nan and +-inf inserted at random places."""
+    rng = np.random.default_rng(seed)
+    x = f32(rng.standard_t(3, N_MOM) * 2.5 + 0.7)
+    idx = rng.permutation(N_MOM)
+    x[idx[:7]] = 0.0
+    x[idx[7:10]] = np.nan
+    x[idx[10:12]] = np.inf
+    x[idx[12]] = -np.inf
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# stats.moments
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_moments_heavy_tailed_with_zeros_and_nonfinite():
+    x = heavy_tailed_data()
+    got, ref = to_np(moments(x)), ref_moments(x)
+    assert set(got) == set(ref)
+    assert all(v.dtype == np.float32 and v.shape == () for v in got.values())
+    # counts are exact
+    assert got["count"] == N_MOM and got["nonfinite"] == 6 == ref["nonfinite"]
+    assert got["frac_zero"] == np.float32(7 / N_MOM)
+    # extremes are float32 values of the data: exact
+    for key in ("absmax", "min", "max", "min_nonzero"):
+        assert got[key] == ref[key], key
+    assert ref["min_nonzero"] > 0
+    assert ref["kurtosis"] > 3  # the data really are heavy-tailed
+    np.testing.assert_allclose(got["mean"], ref["mean"], rtol=1e-5)
+    np.testing.assert_allclose(got["std"], ref["std"], rtol=1e-5)
+    np.testing.assert_allclose(got["rms"], ref["rms"], rtol=1e-5)
+    np.testing.assert_allclose(got["skewness"], ref["skewness"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["kurtosis"], ref["kurtosis"], rtol=1e-4)
+
+
+def test_moments_logistic_excess_kurtosis():
+    """A large logistic sample has excess kurtosis near 1.2 and skewness near 0 (same shape: no recompile)."""
+    x = f32(np.random.default_rng(1).logistic(-3.0, 0.5, N_MOM))
+    got, ref = to_np(moments(x)), ref_moments(x)
+    for key in ("mean", "std", "rms"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(got["skewness"], ref["skewness"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["kurtosis"], ref["kurtosis"], rtol=1e-4)
+    assert 0.7 < got["kurtosis"] < 1.7 and abs(got["skewness"]) < 0.3
+    assert got["nonfinite"] == 0 and got["frac_zero"] == 0
+
+
+def test_moments_all_zero():
+    got = to_np(moments(np.zeros(N_MOM, np.float32)))
+    assert np.isnan(got["min_nonzero"])
+    assert got["frac_zero"] == 1.0 and got["count"] == N_MOM and got["nonfinite"] == 0
+    for key in ("mean", "std", "rms", "absmax", "min", "max"):
+        assert got[key] == 0.0, key
+
+
+# ----------------------------------------------------------------------------------------------------
+# stats.exp_histogram
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_exp_histogram_matches_frexp_reference():
+    rng = np.random.default_rng(2)
+    mags = np.exp2(rng.uniform(-20, 20, 3000))  # from below 2^EXP_MIN to above 2^EXP_MAX, all normal
+    x = mags * rng.choice([-1.0, 1.0], mags.size)
+    edges = [2.0**EXP_MIN, 2.0 ** (EXP_MIN - 1), 2.0**EXP_MAX, 2.0 ** (EXP_MAX + 1), 1.0, 0.5, 2.0]
+    below = [np.nextafter(np.float32(e), np.float32(0)) for e in edges]  # just under each power of 2
+    special = np.array([*edges, *below, 0.0, 0.0, -0.0, np.nan, np.inf, -np.inf, 3e38])
+    x = f32(np.concatenate([x, special, -special]))
+    got = np.asarray(exp_histogram(x))
+    ref = ref_exp_histogram(x, EXP_MIN, EXP_MAX)
+    nbins = stats.exp_hist_bins(EXP_MIN, EXP_MAX)
+    assert got.shape == (nbins,) == (len(stats.exp_hist_labels(EXP_MIN, EXP_MAX)),)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, ref)
+    assert got.sum() == x.size - 6  # only nan, +-inf (twice each) are dropped
+    labels = stats.exp_hist_labels(EXP_MIN, EXP_MAX)
+    assert got[labels == 0][0] == 6  # the zeros
+    # both clipped end bins of each sign hold values (x spans beyond 2^EXP_MIN and 2^EXP_MAX)
+    for lab in (EXP_MIN - 1 + 1000, EXP_MAX + 1000):
+        assert got[labels == lab][0] > 0 and got[labels == -lab][0] > 0
+
+
+def test_exp_histogram_single_values():
+    """Hand-checked bins of a few single values."""
+    x = f32([1.0, 1.5, 0.999, -2.0, 0.0, 2.0**EXP_MAX * 1.5, 2.0**-30, np.nan])
+    labels = stats.exp_hist_labels(EXP_MIN, EXP_MAX)
+    got = np.asarray(exp_histogram(x))
+    expected = {1000: 2, 999: 1, -1001: 1, 0: 1, EXP_MAX + 1000: 1, EXP_MIN - 1 + 1000: 1}
+    for lab, count in zip(labels, got, strict=True):
+        assert count == expected.get(int(lab), 0), lab
+
+
+# ----------------------------------------------------------------------------------------------------
+# stats.linear_histogram
+# ----------------------------------------------------------------------------------------------------
+
+N_LIN = 3000
+
+
+def lin_data(seed=3):
+    rng = np.random.default_rng(seed)
+    x = f32(rng.standard_normal(N_LIN) * 0.6 + 0.1)
+    x[:4] = [np.nan, np.inf, -np.inf, np.nan]
+    return x
+
+
+def test_linear_histogram_default_range():
+    x = lin_data()
+    counts, edges = to_np(linear_histogram(x, LIN_BINS))
+    finite = x[np.isfinite(x)]
+    assert counts.shape == (LIN_BINS,) and edges.shape == (LIN_BINS + 1,)
+    assert edges[0] == finite.min() and edges[-1] == finite.max()
+    np.testing.assert_array_equal(counts, np.histogram(finite, bins=edges)[0])
+    assert counts.sum() == finite.size
+
+
+def test_linear_histogram_values_on_edges():
+    """Values on the stored edges go to the bin they start (the max to the last bin), their float32
+    neighbours just below to the bin before."""
+    x = lin_data(4)
+    _, edges = to_np(linear_histogram(x, LIN_BINS))
+    inner = edges[1:-1]
+    # every edge (including min and max) and the float32 neighbours of the interior edges
+    planted = np.concatenate([edges, np.nextafter(inner, -np.inf), np.nextafter(inner, np.inf)])
+    x[4 : 4 + planted.size] = planted
+    counts, edges2 = to_np(linear_histogram(x, LIN_BINS))
+    finite = x[np.isfinite(x)]
+    assert edges2[0] == finite.min() and edges2[-1] == finite.max()
+    np.testing.assert_array_equal(counts, np.histogram(finite, bins=edges2)[0])
+
+
+def test_linear_histogram_explicit_range():
+    x = lin_data(5)
+    # exact interior edges (k/8 - 1), the range ends, and values just outside the range
+    x[4:12] = [-1.0, 1.0, -0.875, 0.25, 0.5, np.nextafter(np.float32(1), 2), -1.5, 2.0]
+    counts, edges = to_np(linear_histogram(x, LIN_BINS, -1.0, 1.0))
+    assert edges[0] == -1.0 and edges[-1] == 1.0
+    finite = x[np.isfinite(x)]
+    np.testing.assert_array_equal(counts, np.histogram(finite, bins=edges)[0])
+    inside = np.sum((finite >= -1) & (finite <= 1))
+    assert counts.sum() == inside < finite.size  # values outside [-1, 1] are not counted
+
+
+@pytest.mark.parametrize("value", [3.0, -2.5])
+def test_linear_histogram_constant_tensor(value):
+    x = np.full(N_LIN, value, np.float32)
+    counts, edges = to_np(linear_histogram(x, LIN_BINS))
+    assert counts.sum() == N_LIN and np.count_nonzero(counts) == 1
+    width = np.float32(max(1.0, abs(value)) * 2.0**-10)  # the documented widening of a zero range
+    assert edges[0] == value and edges[-1] == np.float32(value) + width
+    np.testing.assert_array_equal(counts, np.histogram(x, bins=edges)[0])
+
+
+def sub_ulp_data(case):
+    """Ranges narrower than LIN_BINS float32 spacings: bins thinner than one ulp of the values."""
+    if case == "near_one":  # e.g. a norm gain vector one tiny update after its init of 1.0
+        return np.repeat(np.float32(1.0) + np.float32(2.0**-23) * f32([0, 1, 2, 3]), N_LIN // 4)
+    return np.full(N_LIN, 1e8, np.float32)  # constant with float32 spacing 8: lo + 1 == lo
+
+
+@pytest.mark.parametrize("case", ["near_one", "constant_1e8"])
+def test_linear_histogram_sub_ulp_range(case):
+    """Counts must still follow the stored edges (edges[k] <= x < edges[k+1]), as numpy does."""
+    x = sub_ulp_data(case)
+    counts, edges = to_np(linear_histogram(x, LIN_BINS))
+    assert counts.sum() == N_LIN
+    assert edges[0] == x.min()
+    np.testing.assert_array_equal(counts, np.histogram(x, bins=edges)[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# stats.uniform_sample
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_uniform_sample_from_large_tensor():
+    x = f32(np.random.default_rng(6).permutation(5000) * 0.25 - 300.0)  # distinct, exact values
+    key0, key1 = jax.random.PRNGKey(0), jax.random.PRNGKey(1)
+    s0, s0b, s1 = (np.asarray(uniform_sample(x, k, SAMPLE)) for k in (key0, key0, key1))
+    assert s0.shape == (SAMPLE,) and s0.dtype == np.float32
+    assert np.all(np.isin(s0, x)) and np.all(np.isin(s1, x))
+    np.testing.assert_array_equal(s0, s0b)
+    assert not np.array_equal(s0, s1)
+    assert len(np.unique(s0)) > SAMPLE // 2  # not a constant or degenerate draw
+
+
+def test_uniform_sample_small_tensor_padded():
+    x = f32(np.arange(37).reshape(1, 37) * -1.5)
+    s = np.asarray(uniform_sample(x, jax.random.PRNGKey(0), SAMPLE))
+    assert s.shape == (SAMPLE,)
+    np.testing.assert_array_equal(s[:37], x.reshape(-1))
+    assert np.all(np.isnan(s[37:]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# outliers.outlier_metrics
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_outlier_metrics():
+    rng = np.random.default_rng(7)
+    batch, seq, d = 4, 50, 64
+    x = f32(rng.standard_normal((batch * seq, d)) * rng.uniform(0.5, 2.0, d))
+    x = np.clip(x, -5.5, 5.5)  # nothing reaches the int8 threshold by chance
+    for ch in (5, 17, 40):  # 10% of the tokens
+        x[rng.choice(batch * seq, 20, replace=False), ch] = 8.0
+    x[rng.choice(batch * seq, 4, replace=False), 50] = -8.0  # 2% of the tokens: not an outlier channel
+    x[rng.choice(batch * seq, 11, replace=False), 60] = 6.0  # 5.5%: just below the 6% cut
+    x[rng.choice(batch * seq, 12, replace=False), 61] = -6.0  # exactly 6%: counts
+    planted = [(3, 7, 1000.0), (150, 33, -800.0), (77, 0, 600.0)]  # (token, channel, value)
+    for tok, ch, val in planted:
+        x[tok, ch] = val
+    got = to_np(outlier_metrics(x.reshape(batch, seq, d), TOPK))
+    ref = ref_outliers(x, TOPK)
+    assert got["int8_outlier_channels"] == ref["int8_outlier_channels"] == 4
+    np.testing.assert_array_equal(got["massive_token"], [t for t, _, _ in planted])
+    np.testing.assert_array_equal(got["massive_channel"], [c for _, c, _ in planted])
+    np.testing.assert_array_equal(got["massive_token"], ref["massive_token"])
+    np.testing.assert_array_equal(got["massive_channel"], ref["massive_channel"])
+    np.testing.assert_allclose(got["massive_ratio"], ref["massive_ratio"], rtol=1e-6)
+    assert np.all(np.diff(got["massive_ratio"]) < 0)  # largest first
+    np.testing.assert_allclose(got["rms_kurtosis"], ref["rms_kurtosis"], rtol=1e-5)
+    np.testing.assert_allclose(got["max_median_ratio"], ref["max_median_ratio"], rtol=1e-5)
+    assert got["massive_channel"].dtype == np.float32 and got["massive_ratio"].shape == (TOPK,)
+
+
+def test_outlier_metrics_three_int8_channels():
+    """3 channels at 8 in 10% of the tokens, one at 8 in only 2%: 3 outlier channels."""
+    rng = np.random.default_rng(8)
+    x = f32(np.clip(rng.standard_normal((200, 64)), -4, 4))
+    for ch in (1, 2, 63):
+        x[rng.choice(200, 20, replace=False), ch] = 8.0
+    x[rng.choice(200, 4, replace=False), 30] = 8.0
+    got = to_np(outlier_metrics(x.reshape(4, 50, 64), TOPK))
+    assert got["int8_outlier_channels"] == 3
+    np.testing.assert_allclose(got["rms_kurtosis"], ref_outliers(x, TOPK)["rms_kurtosis"], rtol=1e-5)
+
+
+def test_rms_kurtosis_limits():
+    """1 when all channels have the same RMS; d when one channel carries everything."""
+    x = np.ones((4, 50, 64), np.float32)
+    x[..., ::2] = -1.0
+    assert abs(float(outlier_metrics(x, TOPK)["rms_kurtosis"]) - 1.0) < 1e-6
+    y = np.zeros((4, 50, 64), np.float32)
+    y[..., 9] = 3.0
+    np.testing.assert_allclose(outlier_metrics(y, TOPK)["rms_kurtosis"], 64.0, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# energy
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_norms_and_correlation():
+    rng = np.random.default_rng(9)
+    g, n, k, m = 3, 16, 32, 24
+    a = f32(rng.standard_normal((g, n, k)) * np.array([1.0, 30.0, 0.05])[:, None, None])
+    w = f32(rng.standard_normal((g, k, m)))
+    w[:, :, 0] = -3.0 * a[:, 0, :]  # column 0 antiparallel to row 0: R = -1
+    a[1, 5] = 0.0  # a zero row: E = 0 and R = 0 there
+    u, v = to_np(norms(a, w))
+    assert u.shape == (g, n) and v.shape == (g, m)
+    a64, w64 = a.astype(np.float64), w.astype(np.float64)
+    np.testing.assert_allclose(u, np.linalg.norm(a64, axis=-1), rtol=1e-6)
+    np.testing.assert_allclose(v, np.linalg.norm(w64, axis=-2), rtol=1e-6)
+    c = f32(a64 @ w64)
+    r = np.asarray(correlation(c, u, v))
+    # R = C / (u v^T) on the given float32 inputs, and the explicit cosines of a_i and w_j
+    e = u.astype(np.float64)[:, :, None] * v.astype(np.float64)[:, None, :]
+    np.testing.assert_allclose(r, np.where(e > 0, c / np.where(e > 0, e, 1), 0), rtol=1e-6, atol=1e-7)
+    an, wn = np.linalg.norm(a64, axis=-1), np.linalg.norm(w64, axis=-2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.nan_to_num(np.einsum("gnk,gkm->gnm", a64, w64) / (an[:, :, None] * wn[:, None, :]))
+    np.testing.assert_allclose(r, cos, rtol=1e-5, atol=1e-6)
+    assert np.all(np.abs(r) <= 1 + 1e-6)
+    np.testing.assert_allclose(r[:, 0, 0], -1.0, rtol=1e-6)
+    assert np.all(r[1, 5] == 0)
+
+
+def energy_cases():
+    rng = np.random.default_rng(10)
+    one_u = f32(np.exp(rng.normal(0, 0.8, (1, 64))))
+    one_v = f32(np.exp(rng.normal(1, 0.5, (1, 48))))
+    scales = np.array([1.0, 300.0, 0.002])[:, None]
+    multi_u = f32(np.exp(rng.normal(0, 0.5, (3, 64))) * scales)
+    multi_v = f32(np.exp(rng.normal(0, 0.7, (3, 48))) * scales[::-1])
+    multi_u[2, 7] = 0.0  # a zero norm: E min is 0, log2_range uses the smallest nonzero E
+    flat_u = f32(1000.0 * (1 + 1e-3 * rng.standard_normal((3, 64))) * [[1.0], [1.001], [0.999]])
+    flat_v = f32(30.0 * (1 + 2e-3 * rng.standard_exponential((3, 48))))
+    return {"one_group": (one_u, one_v), "three_groups": (multi_u, multi_v), "flat": (flat_u, flat_v)}
+
+
+@pytest.mark.parametrize("case", ["one_group", "three_groups", "flat"])
+def test_energy_stats(case):
+    u, v = energy_cases()[case]
+    got = to_np(energy_stats(u, v))
+    big_e = ref_energy_matrix(u, v).reshape(-1)
+    nz = big_e[big_e > 0]
+    ref = {
+        "mean": big_e.mean(),
+        "std": big_e.std(),
+        "skewness": scipy.stats.skew(big_e, bias=True),
+        "kurtosis": scipy.stats.kurtosis(big_e, fisher=True, bias=True),
+        "rms": np.sqrt(np.mean(big_e**2)),
+        "min": big_e.min(),
+        "max": big_e.max(),
+        "log2_range": np.log2(nz.max() / nz.min()),
+    }
+    assert set(got) == set(ref)
+    if case == "flat":
+        assert ref["std"] / ref["mean"] < 5e-3  # the regime where raw moments would cancel
+    for key in ("mean", "std", "rms", "min", "max"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=2e-5, err_msg=key)
+    np.testing.assert_allclose(got["skewness"], ref["skewness"], rtol=1e-4, atol=5e-4)
+    np.testing.assert_allclose(got["kurtosis"], ref["kurtosis"], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(got["log2_range"], ref["log2_range"], rtol=1e-5, atol=1e-5)
+    if case == "three_groups":
+        assert got["min"] == 0 and ref["log2_range"] > 20
+
+
+def test_log_split():
+    rng = np.random.default_rng(11)
+    g, n, k, m = 2, 24, 32, 20
+    a = f32(rng.standard_normal((g, n, k)) * np.exp(rng.normal(0, 1.0, (g, n, 1))))
+    w = f32(rng.standard_normal((g, k, m)) * np.exp(rng.normal(0, 0.5, (g, 1, m))) * [[[1.0]], [[8.0]]])
+    c = f32(np.einsum("gnk,gkm->gnm", a.astype(np.float64), w.astype(np.float64)))
+    c[0, :3, 0] = 0.0  # exact zeros are left out
+    c[1, 5, 7] = 0.0
+    u, v = norms(a, w)
+    got = to_np(log_split(c, u, v))
+    u64, v64 = np.asarray(u, np.float64), np.asarray(v, np.float64)
+    ok = c != 0
+    log_c = np.log2(np.abs(c[ok].astype(np.float64)))
+    log_e = np.log2(u64[:, :, None] * v64[:, None, :])[ok]
+    log_r = log_c - log_e
+    var_c, var_e, var_r = log_c.var(), log_e.var(), log_r.var()
+    cov = np.mean((log_e - log_e.mean()) * (log_r - log_r.mean()))
+    np.testing.assert_allclose(got["var_log2_c"], var_c, rtol=1e-4)
+    np.testing.assert_allclose(got["var_log2_e"], var_e, rtol=1e-4)
+    np.testing.assert_allclose(got["var_log2_r"], var_r, rtol=1e-4)
+    np.testing.assert_allclose(got["cov_log2_er"], cov, rtol=1e-4, atol=1e-5 * var_c)
+    np.testing.assert_allclose(got["share_e"], var_e / var_c, rtol=1e-4)
+    np.testing.assert_allclose(got["share_r"], var_r / var_c, rtol=1e-4)
+    total = got["share_e"] + got["share_r"] + 2 * got["cov_log2_er"] / got["var_log2_c"]
+    np.testing.assert_allclose(total, 1.0, rtol=1e-5)
+    assert 0.2 < got["share_e"] < 0.95  # both factors matter with these scales
+
+
+# ----------------------------------------------------------------------------------------------------
+# lowprec
+# ----------------------------------------------------------------------------------------------------
+
+
+def lowprec_data(seed=12):
+    """a (2, 32, 64) with a few very large and very small planted values, w (2, 64, 48) Gaussian."""
+    rng = np.random.default_rng(seed)
+    a = f32(rng.standard_normal((2, 32, 64)) * rng.uniform(0.3, 3.0, (1, 1, 64)))
+    a[0, 3, 5], a[1, 10, 0], a[0, 20, 63] = 1000.0, -70000.0, 500.0  # e4m3 and e5m2 overflow
+    a[0, 0, :4] = [1e-4, -2e-6, 3e-8, 1e-5]  # below the fp8 subnormals unscaled
+    w = f32(rng.standard_normal((2, 64, 48)) * 0.05)
+    return a, w
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantize(fmt):
+    a, _ = lowprec_data()
+    x = a[0]  # (32, 64)
+    # the rounding thresholds themselves (scale 1) and their float32 neighbours
+    edge = f32([464.0, 61440.0, 127.5, 0.5, 2.0**-10, 2.0**-17, 448.0, 57344.0, 126.5, 2.5])
+    ulp_up = np.nextafter(edge, np.float32(np.inf))
+    x[1, : 3 * edge.size] = np.concatenate([edge, ulp_up, -ulp_up])
+    for s in (np.float32(1.0), np.float32(0.37), f32(np.abs(x).max(axis=-1, keepdims=True) / FMT_MAX[fmt])):
+        got = np.asarray(quantize(x, fmt, s))
+        np.testing.assert_array_equal(got, ref_quantize(x, fmt, s))
+    if fmt == "int8":  # the brief formula, written out
+        s = np.float32(0.37)
+        np.testing.assert_array_equal(quantize(x, fmt, s), np.round(np.clip(x / s, -127, 127)) * s)
+    else:
+        s = np.float32(0.37)
+        top = FMT_MAX[fmt]
+        want = np.clip(x / s, -top, top).astype(FP8[fmt]).astype(np.float32) * s
+        np.testing.assert_array_equal(quantize(x, fmt, s), want)
+
+
+def test_scale():
+    a, w = lowprec_data()
+    for fmt in FORMATS:
+        assert float(scale(a, fmt, "none", -1)) == 1.0
+        sa, sw = np.asarray(scale(a, fmt, "tensor", -1)), np.asarray(scale(w, fmt, "tensor", -2))
+        for got, amax in ((sa, np.float32(70000.0)), (sw, np.abs(w).max())):
+            want = amax / np.float32(FMT_MAX[fmt])
+            assert got.shape == () and abs(got - want) <= np.spacing(want), fmt
+        ca, cw = np.asarray(scale(a, fmt, "channel", -1)), np.asarray(scale(w, fmt, "channel", -2))
+        assert ca.shape == (2, 32, 1) and cw.shape == (2, 1, 48)
+        # within one float32 ulp: under jit XLA turns the division by the constant fmt_max into a
+        # multiplication by its (rounded) reciprocal
+        for got, axis, x in ((ca, -1, a), (cw, -2, w)):
+            want = np.abs(x).max(axis=axis, keepdims=True) / np.float32(FMT_MAX[fmt])
+            assert np.all(np.abs(got - want) <= np.spacing(want)), fmt
+    z = a.copy()
+    z[1, 4] = 0.0  # an all-zero row scales by 1
+    assert np.asarray(scale(z, "e4m3", "channel", -1))[1, 4, 0] == 1.0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_range_loss(fmt):
+    a, _ = lowprec_data()
+    x = a.copy()
+    x[1, 0, :6] = [464.0, np.nextafter(np.float32(464), np.float32(1e9)), 61440.0, 61439.0, 127.5, 127.49]
+    x[1, 1, :3] = 0.0  # zeros are neither underflow (not counted) nor overflow
+    for scaling, axis in (("none", -1), ("tensor", -1), ("channel", -1), ("channel", -2)):
+        s = ref_scale(x, fmt, scaling, axis)
+        under, over = (float(t) for t in range_loss(x, fmt, s))
+        ref_under, ref_over = ref_range_loss(x, fmt, s)
+        assert round(under * np.sum(x != 0)) == round(ref_under * np.sum(x != 0)), scaling
+        assert round(over * x.size) == round(ref_over * x.size), scaling
+        np.testing.assert_allclose([under, over], [ref_under, ref_over], rtol=1e-6)
+        if scaling == "none":
+            assert over > 0 and under > 0
+        else:
+            assert over == 0.0
+    # scale 1: exactly the planted values beyond the rounding thresholds overflow
+    expected = {"e4m3": 6, "e5m2": 2, "int8": 8}[fmt]
+    assert round(float(range_loss(x, fmt, np.float32(1.0))[1]) * x.size) == expected
+
+
+def lowprec_rows(grouped):
+    a, w = lowprec_data()
+    if not grouped:
+        return a, w, a[0, :16], w[0]
+    rows = np.array([(0, 3), (1, 10), (0, 20), (1, 0), (0, 0), (1, 31), (0, 8), (1, 17)])
+    return a, w, a[rows[:, 0], rows[:, 1]], w[rows[:, 0]]
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_lowprec_stats(grouped):
+    a, w, a_rows, w_rows = lowprec_rows(grouped)
+    got = to_np(lowprec_stats(a, w, a_rows, w_rows))
+    ref = ref_lowprec_stats(a, w, a_rows, w_rows, FORMATS, SCALINGS, R_BITS)
+    assert set(got) == set(ref)
+    for key, want in ref.items():
+        if key.endswith("flow"):
+            np.testing.assert_allclose(got[key], want, rtol=1e-6, atol=0, err_msg=key)
+        else:
+            np.testing.assert_allclose(got[key], want, rtol=1e-4, err_msg=key)
+            assert got[key] > 0, key
+    for fmt in FORMATS:
+        assert got[f"{fmt}/none/a_overflow"] > 0
+        for scaling in ("tensor", "channel"):
+            assert got[f"{fmt}/{scaling}/a_overflow"] == 0 and got[f"{fmt}/{scaling}/w_overflow"] == 0
+    # more R bits: smaller error; E as a power of two costs accuracy
+    assert got["r8/rel_err"] < got["r4/rel_err"] and got["er/r8/rel_err"] < got["er/r4/rel_err"]
+    assert got["r8/rel_err"] < got["er/r8/rel_err"]
+
+
+def test_lowprec_sanity_gaussian():
+    """Gaussian operands with tensor scaling: e4m3 (3 mantissa bits) beats e5m2 (2); per-channel scaling
+    is no worse than per-tensor; errors have the expected magnitude (same shapes: no recompile)."""
+    rng = np.random.default_rng(13)
+    a = f32(rng.standard_normal((2, 32, 64)))
+    w = f32(rng.standard_normal((2, 64, 48)))
+    got = to_np(lowprec_stats(a, w, a[0, :16], w[0]))
+    ref = ref_lowprec_stats(a, w, a[0, :16], w[0], FORMATS, SCALINGS, R_BITS)
+    for key in ("e4m3/tensor/rel_err", "e5m2/tensor/rel_err", "int8/channel/rel_err", "r4/rel_err"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-4, err_msg=key)
+    assert got["e4m3/tensor/rel_err"] < got["e5m2/tensor/rel_err"]
+    assert 0.005 < got["e4m3/tensor/rel_err"] < 0.05 and 0.01 < got["e5m2/tensor/rel_err"] < 0.1
+    assert got["int8/channel/rel_err"] <= got["int8/tensor/rel_err"] * 1.01
+    assert got["r8/rel_err"] < got["r4/rel_err"] / 4

@@ -1,0 +1,216 @@
+"""The probed step: same parameters as the plain step, site coverage, sharded == one device, and the
+in-step statistics of a real dumped tensor against float64 numpy/scipy."""
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import scipy.stats
+import tensorstore as ts
+
+from configs import tiny
+from tdyn_jax import data as data_lib
+from tdyn_jax import sharding
+from tdyn_jax.analysis import load
+from tdyn_jax.dumps import dump_path
+from tdyn_jax.probes import stats as stats_lib
+from tdyn_jax.train import build, train
+
+EXP_MIN, EXP_MAX = tiny.get_config().probes.exp_min, tiny.get_config().probes.exp_max
+
+
+def _batch(cfg):
+    tokens = data_lib.encode(data_lib.synthetic_documents(cfg.data.synthetic_size))
+    return next(data_lib.Batches(tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.seed))
+
+
+def _step_both(cfg, devices):
+    """(plain new state, probed new state, {statistic: (sites, ...)}, index) from the same state."""
+    mesh = sharding.make_mesh(cfg, devices)
+    program = build(cfg, mesh)
+    batch = sharding.global_batch(_batch(cfg), mesh)
+    plain, _ = program.train_step(program.init(), batch)
+    probed, _, captured, _ = program.probe_step(program.init(), batch)
+    return plain, probed, jax.device_get(captured), program.probe_index
+
+
+@pytest.mark.parametrize(
+    "scan, remat, optim", [(False, "none", "adamw"), (True, "full", "sgd")], ids=["loop", "scan_remat_sgd"]
+)
+def test_probed_step_gives_the_same_parameters_as_the_plain_step(scan, remat, optim):
+    cfg = tiny.get_config()
+    cfg.model.scan_layers, cfg.model.remat, cfg.optim.name = scan, remat, optim
+    plain, probed, captured, index = _step_both(cfg, jax.devices()[:1])
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(probed), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    sites = set(index["mean"])
+    for layer in ("layer_00", "layer_01"):  # every layer, forward, gradient and parameter sites
+        assert {f"{layer}/resid/mid", f"{layer}/resid/out/grad", f"{layer}/attn/scores/R"} <= sites
+        assert {f"{layer}/mlp/up/E", f"{layer}/mlp/up/out/grad", f"params/{layer}/attn/q/kernel"} <= sites
+    assert ("nu/layer_00/attn/q/kernel" in sites) == (optim == "adamw")  # sgd keeps no second moment
+    assert "layer_00/mlp/down/in" not in sites  # not among tiny's probes.sites
+    for stat, value in captured.items():
+        assert value.shape[0] == len(index[stat])
+        if stat not in ("sample", "min_nonzero", "skewness", "kurtosis"):
+            assert np.isfinite(value).all(), stat
+    i = index["count"].index("layer_01/resid/out")
+    assert captured["count"][i] == cfg.data.batch_size * cfg.data.seq_len * cfg.model.d_model
+    assert captured["exp_hist"][i].sum() == captured["count"][i]
+
+
+def test_sharded_capture_matches_one_device():
+    cfg = tiny.get_config()
+    _, _, captured_one, index = _step_both(cfg, jax.devices()[:1])
+    cfg.mesh.fsdp = 2  # 4 (data) x 2 (fsdp): statistics must be global, not per shard
+    _, _, captured_eight, index_eight = _step_both(cfg, jax.devices()[:8])
+    assert index == index_eight
+    for stat, a in captured_one.items():
+        b = captured_eight[stat]
+        if stat in ("exp_hist", "lin_hist"):  # a value on a bin edge may move by one bin
+            assert np.array_equal(a.sum(-1), b.sum(-1))
+            assert np.abs(a - b).sum(-1).max() <= 0.01 * a.sum(-1).max(), stat
+        elif stat not in ("massive_channel", "massive_token"):  # ties among the top values may swap
+            np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6, err_msg=stat)
+
+
+@pytest.fixture(scope="module")
+def dumped_run(tmp_path_factory):
+    """A 3-step run that captures the full statistic set at step 2 and dumps two sites there."""
+    cfg = tiny.get_config()
+    cfg.train.num_steps, cfg.checkpoint.every, cfg.probes.every = 3, 3, 1000
+    cfg.optim.warmup_steps = 1
+    cfg.probes.sites = ("resid/out", "mlp/up")
+    cfg.probes.formats, cfg.probes.scalings = ("e4m3", "e5m2", "int8"), ("none", "tensor", "channel")
+    cfg.probes.grads = cfg.probes.params = False
+    cfg.probes.at_steps, cfg.probes.dump_steps = (2,), (2,)
+    cfg.probes.dump_sites = ("layer_01/resid/out", "layer_00/mlp/up")
+    workdir = tmp_path_factory.mktemp("dumped")
+    train(cfg, workdir)
+    return cfg, workdir, load(workdir)
+
+
+def _read(workdir, site, tensor):
+    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(dump_path(workdir, 2, site, tensor))}}
+    return ts.open(spec).result().read().result()
+
+
+def _scalar(captures, site, stat):
+    t = captures.table
+    rows = t[(t.step == 2) & (t.site == site) & (t.stat == stat)]
+    assert len(rows) == 1, (site, stat)
+    return float(rows.value.iloc[0])
+
+
+def _array(captures, stat, site):
+    """The value of an array statistic of `site` at step 2."""
+    return captures.arrays[stat].site(site)[list(captures.arrays[stat].steps).index(2)]
+
+
+def _check_summary(captures, site, x, lin_range=None, shape_atol=1e-7):
+    x64 = x.astype(np.float64).reshape(-1)
+    expected = {
+        "mean": x64.mean(), "std": x64.std(), "skewness": scipy.stats.skew(x64),
+        "kurtosis": scipy.stats.kurtosis(x64), "rms": np.sqrt(np.mean(x64**2)), "absmax": np.abs(x64).max(),
+        "min": x64.min(), "max": x64.max(), "count": x64.size, "frac_zero": np.mean(x64 == 0),
+    }  # fmt: skip
+    for stat, value in expected.items():
+        atol = shape_atol if stat in ("skewness", "kurtosis") else 1e-7
+        np.testing.assert_allclose(_scalar(captures, site, stat), value, rtol=2e-4, atol=atol, err_msg=stat)
+    exps = np.clip(np.frexp(x.reshape(-1))[1] - 1, EXP_MIN - 1, EXP_MAX)
+    labels = np.where(x.reshape(-1) > 0, exps + 1000, -(exps + 1000))
+    expected_exp = [np.sum(labels == lab) for lab in stats_lib.exp_hist_labels(EXP_MIN, EXP_MAX)]
+    assert np.array_equal(_array(captures, "exp_hist", site), expected_exp)
+    if site not in captures.arrays["lin_hist"].sites:  # the norm vectors: moments and exp_hist only
+        return
+    edges = _array(captures, "lin_edges", site)
+    if lin_range:
+        assert (edges[0], edges[-1]) == lin_range
+    counts = np.histogram(x.reshape(-1), bins=edges.astype(np.float64))[0]
+    assert np.array_equal(_array(captures, "lin_hist", site), counts)
+    sample = _array(captures, "sample", site)
+    assert np.isin(sample, x).all()
+
+
+def test_in_step_statistics_of_a_dumped_activation(dumped_run):
+    cfg, workdir, captures = dumped_run
+    assert list(captures.steps) == [0, 2]
+    x = _read(workdir, "layer_01/resid/out", "x")
+    assert x.shape == (cfg.data.batch_size, cfg.data.seq_len, cfg.model.d_model)
+    _check_summary(captures, "layer_01/resid/out", x)
+    a = np.abs(x.reshape(-1, x.shape[-1]).astype(np.float64))
+    rms = np.sqrt(np.mean(a**2, axis=0))
+    np.testing.assert_allclose(
+        _scalar(captures, "layer_01/resid/out", "rms_kurtosis"),
+        np.mean(rms**4) / np.mean(rms**2) ** 2,
+        rtol=1e-4,
+    )
+    mmr = np.mean(a.max(axis=1) / np.median(a, axis=1))
+    np.testing.assert_allclose(_scalar(captures, "layer_01/resid/out", "max_median_ratio"), mmr, rtol=1e-4)
+    top = np.sort(a.reshape(-1))[::-1][: cfg.probes.topk] / np.median(a)
+    np.testing.assert_allclose(_array(captures, "massive_ratio", "layer_01/resid/out"), top, rtol=1e-5)
+
+
+def test_in_step_energy_correlation_and_low_precision_of_a_dumped_matmul(dumped_run):
+    cfg, workdir, captures = dumped_run
+    site = "layer_00/mlp/up"
+    a, w, c = (_read(workdir, site, t).astype(np.float64) for t in ("A", "W", "C"))
+    e, r = _read(workdir, site, "E"), _read(workdir, site, "R")
+    assert a.shape == (1, cfg.data.batch_size * cfg.data.seq_len, cfg.model.d_model)
+    np.testing.assert_allclose(c, a @ w, rtol=1e-4, atol=1e-5)
+    u, v = np.linalg.norm(a, axis=-1), np.linalg.norm(w, axis=-2)
+    e64 = u[:, :, None] * v[:, None, :]
+    np.testing.assert_allclose(e, e64, rtol=1e-5)
+    np.testing.assert_allclose(r, c / e64, rtol=1e-4, atol=1e-6)
+    _check_summary(captures, f"{site}/in", _read(workdir, site, "A"))
+    _check_summary(captures, f"{site}/out", _read(workdir, site, "C"))
+    _check_summary(captures, f"{site}/R", r, lin_range=(-1.0, 1.0))
+    # the token norms are nearly equal (rms-normed input): their skewness and kurtosis depend on the
+    # last bits of each norm, which float32 (in the step) and float64 (here) round differently
+    _check_summary(captures, f"{site}/a_norm", u.astype(np.float32), shape_atol=2e-3)
+    assert f"{site}/a_norm" not in captures.arrays["sample"].sites
+    flat = e64.reshape(-1)
+    energy = {
+        "mean": flat.mean(),
+        "std": flat.std(),
+        "skewness": scipy.stats.skew(flat),
+        "kurtosis": scipy.stats.kurtosis(flat),
+        "log2_range": np.log2(flat.max() / flat.min()),
+    }
+    for stat, value in energy.items():
+        np.testing.assert_allclose(_scalar(captures, f"{site}/E", stat), value, rtol=1e-4, err_msg=stat)
+    log_c, log_e = np.log2(np.abs(c)), np.log2(e64)
+    np.testing.assert_allclose(_scalar(captures, f"{site}/E", "var_log2_c"), log_c.var(), rtol=1e-4)
+    np.testing.assert_allclose(_scalar(captures, f"{site}/E", "var_log2_e"), log_e.var(), rtol=1e-4)
+    # low precision: underflow and overflow of the whole A and W, as the float8 casts of ml_dtypes see them
+    a32, w32 = _read(workdir, site, "A"), _read(workdir, site, "W")
+    for fmt, dtype, top in (
+        ("e4m3", ml_dtypes.float8_e4m3fn, 448.0),
+        ("e5m2", ml_dtypes.float8_e5m2, 57344.0),
+    ):
+        s = np.float32(np.abs(w32).max() / top)
+        q = np.clip(w32 / s, -top, top).astype(dtype).astype(np.float32) * s
+        under = np.sum((w32 != 0) & (q == 0)) / np.sum(w32 != 0)
+        assert _scalar(captures, f"{site}/lowprec", f"{fmt}/tensor/w_underflow") == pytest.approx(under)
+        raw = a32.astype(dtype).astype(np.float32)
+        assert _scalar(captures, f"{site}/lowprec", f"{fmt}/none/a_overflow") == pytest.approx(
+            np.mean(~(np.abs(raw) <= top))
+        )
+    for k in cfg.probes.r_bits:  # more R bits, smaller error; E as an exponent only costs precision
+        assert 0 < _scalar(captures, f"{site}/lowprec", f"r{k}/rel_err") < 1
+        assert _scalar(captures, f"{site}/lowprec", f"er/r{k}/rel_err") > _scalar(
+            captures, f"{site}/lowprec", f"r{k}/rel_err"
+        )
+
+
+def test_disabled_probes_leave_only_the_plain_step():
+    cfg = tiny.get_config()
+    mesh = sharding.make_mesh(cfg, jax.devices()[:1])
+    cfg.probes.enabled = False
+    off = build(cfg, mesh)
+    assert off.probe_step is None and off.dump_step is None and off.probe_index == {}
+    cfg.probes.enabled = True
+    on = build(cfg, mesh)
+    tokens = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), np.int32)
+    batch = {"inputs": tokens, "targets": tokens}
+    lowered = [p.train_step.lower(p.abstract_state, batch).as_text() for p in (off, on)]
+    assert lowered[0] == lowered[1]  # the plain step does not change when capture is on

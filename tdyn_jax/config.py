@@ -49,7 +49,8 @@ NUMBERS = (
 )  # fmt: skip
 # Fields that may change when a run is resumed; every other field must match the saved config.
 RESUMABLE_CHANGES = (
-    "name", "train.", "checkpoint.", "mesh.", "probes.every", "probes.at_steps", "probes.dump_",
+    "name", "train.", "checkpoint.", "mesh.", "probes.enabled", "probes.every", "probes.at_steps",
+    "probes.dump_",
 )  # fmt: skip
 
 
@@ -189,11 +190,12 @@ def to_dict(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(cfg.to_json())
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': x}} -> {'a.b': x} (keys joined with `sep`)."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, sep, f"{prefix}{key}{sep}"))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -201,7 +203,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def resume_conflicts(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Fields that differ between a run's saved config and a new one and forbid resuming it."""
-    old_flat, new_flat = _flatten(saved), _flatten(new)
+    old_flat, new_flat = flatten(saved), flatten(new)
     conflicts = []
     for key in sorted(set(old_flat) | set(new_flat)):
         if key.startswith(RESUMABLE_CHANGES):

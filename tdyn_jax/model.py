@@ -125,6 +125,7 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1)
         capture.attention_probs(self, "probs", probs)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(b, t, c.d_model)
+        out = capture.activation(self, "mix", out)
         return _linear_factory(c, self.probe, residual_out=True)(c.d_model, name="out")(out)
 
 

@@ -8,9 +8,11 @@ will be captured again), so every capture step up to N is on disk exactly once.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -23,7 +25,8 @@ def probes_dir(workdir: str | Path) -> Path:
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """{'a/b': x} -> {'a': {'b': x}} (statistic names hold '/', Orbax keys should not)."""
+    """{'a/b': x} -> {'a': {'b': x}} (statistic names hold '/', Orbax keys should not); the inverse
+    of `config.flatten(tree, sep="/")`."""
     tree: dict[str, Any] = {}
     for name, value in flat.items():
         *parents, leaf = name.split("/")
@@ -32,17 +35,6 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return tree
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The inverse of `nest`."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def encode_index(index: dict[str, list[str]]) -> dict[str, Any]:
@@ -70,9 +62,11 @@ class ProbeStore:
 
     def discard_after(self, step: int) -> None:
         """Deletes the chunks of checkpoints after `step` (left by a run that crashed before them)."""
-        for s in self.manager.all_steps():
-            if s > step:
-                self.manager.delete(s)
+        stale = [s for s in self.manager.all_steps() if s > step]
+        if stale and jax.process_index() == 0:
+            for s in stale:
+                shutil.rmtree(self.manager.directory / str(s))
+        self.manager.reload()
 
     def save(self, step: int, captures: list[tuple[int, dict[str, np.ndarray]]]) -> None:
         """Writes the captures [(capture step, {statistic: (sites, ...)})] as chunk `step`, and waits."""

@@ -193,7 +193,7 @@ def test_resume_conflicts_reports_added_and_removed_fields():
 def test_resume_may_change_when_to_capture_but_not_what():
     saved = to_dict(tiny.get_config())
     when = tiny.get_config()
-    when.probes.every, when.probes.at_steps = 7, (3,)
+    when.probes.enabled, when.probes.every, when.probes.at_steps = False, 7, (3,)
     when.probes.dump_steps, when.probes.dump_sites = (5,), ("layer_00/resid/out",)
     assert resume_conflicts(saved, to_dict(when)) == []
     what = tiny.get_config()

@@ -35,7 +35,7 @@ def _step_both(cfg, devices):
 
 
 @pytest.mark.parametrize(
-    "scan, remat, optim", [(False, "none", "adamw"), (True, "full", "sgd")], ids=["loop", "scan_remat_sgd"]
+    "scan, remat, optim", [(True, "none", "adamw"), (False, "full", "sgd")], ids=["scan", "loop_remat_sgd"]
 )
 def test_probed_step_gives_the_same_parameters_as_the_plain_step(scan, remat, optim):
     cfg = tiny.get_config()
@@ -59,7 +59,7 @@ def test_probed_step_gives_the_same_parameters_as_the_plain_step(scan, remat, op
 
 
 def test_sharded_capture_matches_one_device():
-    cfg = tiny.get_config()
+    cfg = tiny.get_config()  # as in test_probed_step_gives_the_same_parameters...[scan]: a cache hit
     _, _, captured_one, index = _step_both(cfg, jax.devices()[:1])
     cfg.mesh.fsdp = 2  # 4 (data) x 2 (fsdp): statistics must be global, not per shard
     _, _, captured_eight, index_eight = _step_both(cfg, jax.devices()[:8])

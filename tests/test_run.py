@@ -148,7 +148,7 @@ def test_signal_saves_a_checkpoint_exits_zero_and_resumes(tmp_path, sig):
     saved = [int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and 0 < saved[0] < 100000
     assert _metrics(w)[-1]["step"] == saved[0]
-    resumed = _run(w, f"--config.train.num_steps={saved[0] + 10}")
+    resumed = _run(w, f"--config.train.num_steps={saved[0] + 10}", PLAIN)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"from step {saved[0]}" in resumed.stderr
     assert _metrics(w)[-1]["step"] == saved[0] + 10

@@ -11,7 +11,8 @@ import orbax.checkpoint as ocp
 import pandas as pd
 from absl import logging
 
-from tdyn_jax.probe_store import ITEMS, decode_index, flatten, probes_dir
+from tdyn_jax.config import flatten
+from tdyn_jax.probe_store import ITEMS, decode_index, probes_dir
 
 _LAYER = re.compile(r"(?:^|/)layer_(\d+)(?:/|$)")
 
@@ -72,7 +73,7 @@ def load(workdir: str | Path) -> Captures:
     values: dict[str, list[np.ndarray]] = {}
     sites: dict[str, list[str]] = {}
     for captures, index in chunks:
-        for stat, value in flatten(captures["stats"]).items():
+        for stat, value in flatten(captures["stats"], sep="/").items():
             if sites.setdefault(stat, index[stat]) != index[stat]:
                 raise ValueError(f"{root}: the sites of {stat!r} differ between chunks")
             values.setdefault(stat, []).append(np.asarray(value))

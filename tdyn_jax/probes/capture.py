@@ -63,7 +63,7 @@ def grad_tap(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
     return _tap(spec, x, slot.value, jax.random.key_data(key))
 
 
-def activation(module: nn.Module, name: str, x: jax.Array, outliers: bool = True) -> jax.Array:
+def activation(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
     """Statistics of an activation x at site <module path>/<name> (+ outlier metrics over its last
     axis as channels); returns x, gradient-tapped when the spec asks for gradients."""
     spec: ProbeSpec | None = module.probe
@@ -72,7 +72,7 @@ def activation(module: nn.Module, name: str, x: jax.Array, outliers: bool = True
         return x
     x_ = jax.lax.stop_gradient(x)
     stats = spec.summary(x_, module.make_rng("probe"))
-    if outliers and "outliers" in spec.groups:
+    if "outliers" in spec.groups:
         stats |= outlier_metrics(x_, spec.topk)
     _sow(module, name, stats)
     if spec.dumps(site):
@@ -110,9 +110,11 @@ def log_partition(module: nn.Module, name: str, logits: jax.Array) -> None:
 
 def matmul(module: nn.Module, a: jax.Array, w: jax.Array, c: jax.Array, name: str | None = None) -> jax.Array:
     """Statistics of one matmul in grouped form a (g, n, k) @ w (g, k, m) = c (g, n, m), sown as
-    <site>/in, /out (with outlier metrics when g == 1, i.e. tokens x channels), /a_norm, /w_norm,
-    /E (exact moments, log-variance split), /R (on [-1, 1]) and /lowprec. Returns c, gradient-tapped
-    (<site>/out/grad) when the spec asks for gradients. The site is the module path (+ `name`)."""
+    <site>/in, /out, /a_norm, /w_norm, /E (exact moments, log-variance split), /R (on [-1, 1]) and
+    /lowprec. Returns c, gradient-tapped (<site>/out/grad) when the spec asks for gradients. The site
+    is the module path (+ `name`). Outlier metrics are left to the activation sites: the input of
+    every weight matmul is one of them (a norm output, the MLP hidden activation or the attention
+    output), and they are the costliest statistic to compute."""
     spec: ProbeSpec | None = module.probe
     site = _site(module, name)
     if spec is None or not spec.wants(site):
@@ -122,9 +124,6 @@ def matmul(module: nn.Module, a: jax.Array, w: jax.Array, c: jax.Array, name: st
     keys = jax.random.split(module.make_rng("probe"), 6)
     dense = a.shape[0] == 1
     parts = {"in": spec.summary(a, keys[0]), "out": spec.summary(c32, keys[1])}
-    if dense and "outliers" in spec.groups:
-        parts["in"] |= outlier_metrics(a[0], spec.topk)
-        parts["out"] |= outlier_metrics(c32[0], spec.topk)
     if "energy" in spec.groups:
         u, v = norms(a, w)
         log_only = frozenset({"exp_hist"})  # the norms' moments and dynamic range

@@ -91,7 +91,7 @@ def test_end_to_end_then_rerun_resumes(tmp_path):
 
 def test_kill_and_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     steps = ["--config.train.num_steps=1000", "--config.checkpoint.every=50", "--config.checkpoint.keep=2"]
-    steps.append("--config.probes.every=50")
+    steps += ["--config.probes.every=50", "--config.probes.sites=('resid/out', 'mlp/up')"]
     ref, crashed = tmp_path / "ref", tmp_path / "crashed"
     done = _run(ref, *steps)
     assert done.returncode == 0, done.stderr[-3000:]

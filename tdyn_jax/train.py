@@ -348,8 +348,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
             final = done == cfg.train.num_steps or stopping
             evaluate_now = done % cfg.train.eval_every == 0 or done == cfg.train.num_steps
             if done % cfg.train.log_every == 0 or evaluate_now or final:
+                fetched = jax.device_get(pending)  # waits for the steps, which run asynchronously
                 elapsed = time.perf_counter() - interval_start
-                row = summarize(jax.device_get(pending), elapsed, interval_steps, tokens_per_step)
+                row = summarize(fetched, elapsed, interval_steps, tokens_per_step)
                 if evaluate_now:
                     row["val_loss"] = evaluate(state.params)
                     row["val_ppl"] = float(np.exp(row["val_loss"]))

@@ -126,13 +126,14 @@ def matmul(module: nn.Module, a: jax.Array, w: jax.Array, c: jax.Array, name: st
     parts = {"in": spec.summary(a, keys[0]), "out": spec.summary(c32, keys[1])}
     if "energy" in spec.groups:
         u, v = norms(a, w)
+        r = correlation(c32, u, v)
         log_only = frozenset({"exp_hist"})  # the norms' moments and dynamic range
         parts["a_norm"], parts["w_norm"] = (
             spec.summary(u, keys[2], only=log_only),
             spec.summary(v, keys[3], only=log_only),
         )
         parts["E"] = energy_stats(u, v) | log_split(c32, u, v)
-        parts["R"] = spec.summary(correlation(c32, u, v), keys[4], lin_range=(-1.0, 1.0))
+        parts["R"] = spec.summary(r, keys[4], lin_range=(-1.0, 1.0))
     if "lowprec" in spec.groups:
         g, n, k = a.shape
         rows = jax.random.randint(keys[5], (spec.quant_rows,), 0, g * n)
@@ -146,8 +147,7 @@ def matmul(module: nn.Module, a: jax.Array, w: jax.Array, c: jax.Array, name: st
     if spec.dumps(site):
         tensors = {"A": a, "W": w, "C": c32}
         if "energy" in spec.groups:
-            u, v = norms(a, w)
-            tensors |= {"E": u[:, :, None] * v[:, None, :], "R": correlation(c32, u, v)}
+            tensors |= {"E": u[:, :, None] * v[:, None, :], "R": r}
         module.sow("dumps", f"{prefix}dump", tensors)
     return grad_tap(module, f"{prefix}out/grad", c) if spec.grads else c
 

@@ -131,7 +131,8 @@ def summary(
     if "exp_hist" in groups:
         out["exp_hist"] = exp_histogram(x, *exp_range)
     if "lin_hist" in groups:
-        out["lin_hist"], out["lin_edges"] = linear_histogram(x, lin_bins, *(lin_range or (None, None)))
+        lo, hi = lin_range or (out["min"], out["max"])  # the finite range, from the moments pass
+        out["lin_hist"], out["lin_edges"] = linear_histogram(x, lin_bins, lo, hi)
     if "sample" in groups:
         out["sample"] = uniform_sample(x, key, sample_size)
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import signal
 import sys
 import time
@@ -122,9 +123,10 @@ def make_train_step(
 
 
 def zero_grad_taps(probed: Transformer, params: Any, batch: dict, key: jax.Array) -> Any:
-    """Zeros shaped like the model's grad_taps collection (the statistics of each tapped gradient)."""
+    """Zeros shaped like the model's grad_taps collection (the statistics of each tapped gradient),
+    learnt from a forward pass that computes no statistics."""
     shapes = jax.eval_shape(
-        lambda: probed.apply(
+        lambda: probed.clone(probe=probed.probe.taps()).apply(
             {"params": params}, batch["inputs"], rngs={"probe": key},
             mutable=["grad_taps", "intermediates", "dumps"],
         )[1].get("grad_taps", {})
@@ -244,8 +246,9 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Program:
             out_shardings=(state_sharding, None, replicated, replicated),
             donate_argnums=0,
         )
-        jitted.trace(abstract, batch)
-        return jitted, found
+        traced = jitted.trace(abstract, batch)  # learns the site names; calls reuse this trace
+        compiled = functools.cache(lambda: traced.lower().compile())  # on the first capture step
+        return lambda state, b: compiled()(state, b), found
 
     spec = ProbeSpec.from_config(cfg.probes)
     probe_step, found = jit_probed(spec)

@@ -70,6 +70,8 @@ def activation(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
     site = _site(module, name)
     if spec is None or not spec.wants(site):
         return x
+    if spec.taps_only:
+        return grad_tap(module, f"{name}/grad", x) if spec.grads else x
     x_ = jax.lax.stop_gradient(x)
     stats = spec.summary(x_, module.make_rng("probe"))
     if "outliers" in spec.groups:
@@ -83,7 +85,7 @@ def activation(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
 def attention_probs(module: nn.Module, name: str, probs: jax.Array) -> None:
     """Entropy (nats) and largest probability of each query's attention row (batch, heads, q, k)."""
     spec: ProbeSpec | None = module.probe
-    if spec is None or not spec.wants(_site(module, name)):
+    if spec is None or spec.taps_only or not spec.wants(_site(module, name)):
         return
     p = jax.lax.stop_gradient(probs).astype(jnp.float32)
     entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
@@ -101,7 +103,7 @@ def attention_probs(module: nn.Module, name: str, probs: jax.Array) -> None:
 def log_partition(module: nn.Module, name: str, logits: jax.Array) -> None:
     """Mean, std, min and max over tokens of log Z = logsumexp of the logits."""
     spec: ProbeSpec | None = module.probe
-    if spec is None or not spec.wants(_site(module, name)):
+    if spec is None or spec.taps_only or not spec.wants(_site(module, name)):
         return
     log_z = jax.nn.logsumexp(jax.lax.stop_gradient(logits).astype(jnp.float32), axis=-1)
     stats = {"mean": jnp.mean(log_z), "std": jnp.std(log_z), "min": jnp.min(log_z), "max": jnp.max(log_z)}
@@ -120,6 +122,8 @@ def matmul(module: nn.Module, a: jax.Array, w: jax.Array, c: jax.Array, name: st
     if spec is None or not spec.wants(site):
         return c
     prefix = f"{name}/" if name else ""
+    if spec.taps_only:
+        return grad_tap(module, f"{prefix}out/grad", c) if spec.grads else c
     a, w, c32 = (jax.lax.stop_gradient(t.astype(jnp.float32)) for t in (a, w, c))
     keys = jax.random.split(module.make_rng("probe"), 6)
     dense = a.shape[0] == 1

@@ -40,6 +40,7 @@ class ProbeSpec:
     scalings: tuple[str, ...] = SCALINGS
     r_bits: tuple[int, ...] = (4, 8)
     dump_sites: tuple[str, ...] = ()  # set only in the step variant that runs on probes.dump_steps
+    taps_only: bool = False  # only create the grad taps (the pass that learns their shapes)
 
     @classmethod
     def from_config(cls, probes: ml_collections.ConfigDict) -> ProbeSpec:
@@ -63,6 +64,10 @@ class ProbeSpec:
     def with_dumps(self, dump_sites: tuple[str, ...]) -> ProbeSpec:
         """The same spec that also returns the full tensors of the sites matching `dump_sites`."""
         return dataclasses.replace(self, dump_sites=tuple(dump_sites))
+
+    def taps(self) -> ProbeSpec:
+        """The spec of the shape pass: the same grad taps, no statistics."""
+        return dataclasses.replace(self, taps_only=True)
 
     def wants(self, site: str) -> bool:
         """Whether `site` (with or without its layer component) matches one of the site patterns."""

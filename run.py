@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging as std_logging
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -47,6 +48,8 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(_quiet_libraries)
+    import jax
+
     from tdyn_jax.config import ConfigError
     from tdyn_jax.data import DataError
     from tdyn_jax.train import train
@@ -59,7 +62,23 @@ def main(argv: list[str]) -> int:
         _fail(str(e))
     logging.info("finished %s: %s", workdir, final)
     print(f"run directory: {workdir}")
+    if cfg.analysis.report and final.get("step") == cfg.train.num_steps and jax.process_index() == 0:
+        write_analysis(cfg, workdir)
     return 0
+
+
+def write_analysis(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes the run's report (analysis.report) and prints where it is."""
+    if not cfg.probes.enabled:
+        logging.info("probes.enabled=False: no captures, so no report")
+        return
+    from tdyn_jax.analysis.report import write_report
+
+    a = cfg.analysis
+    page = write_report(
+        workdir, a.kinds, criterion=a.criterion, workers=a.workers, progress=sys.stderr.isatty()
+    )
+    print(f"report: {page} (open it in a browser)")
 
 
 if __name__ == "__main__":

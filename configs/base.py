@@ -88,6 +88,16 @@ def get_config() -> ml_collections.ConfigDict:
     p.dump_steps = ()  # steps at which the full tensors of dump_sites are written to WORKDIR/dumps
     p.dump_sites = ()  # sites to dump (patterns with the layer): "layer_01/mlp/up", "*/resid/out"
 
+    c.analysis = a = ml_collections.ConfigDict()
+    a.report = True  # after training, write WORKDIR/analysis/report.html (fits, figures, animations)
+    # sites (patterns without the layer) drawn as histograms, QQ plots, heatmaps and animations
+    a.kinds = (
+        "resid/out", "resid/mid", "mlp/hidden", "resid/out/grad", "params/mlp/up/kernel",
+        "grads/mlp/up/kernel", "mlp/up/R", "attn/scores/R",
+    )  # fmt: skip
+    a.criterion = "bic"  # aic | bic: how the best-fitting family is chosen in the heatmaps
+    a.workers = 2  # threads that fit distributions
+
     c.mesh = s = ml_collections.ConfigDict()
     s.data = -1  # devices on the data-parallel axis; -1: all devices not used by fsdp
     s.fsdp = 1  # devices that shard parameters and optimizer state (ZeRO-3 style)

@@ -23,13 +23,14 @@ CHOICES = {
     "optim.name": ("adamw", "adam", "sgd", "lion", "adafactor"),
     "optim.schedule": ("cosine", "constant"),
     "mesh.distributed": ("auto", "on", "off"),
+    "analysis.criterion": ("aic", "bic"),
 }
 POSITIVE_INTS = (
     "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.d_ff",
     "model.max_len", "data.seq_len", "data.batch_size", "data.synthetic_size", "train.num_steps",
     "train.log_every", "train.eval_every", "train.eval_batches", "checkpoint.every",
     "checkpoint.keep", "mesh.fsdp", "probes.every", "probes.sample_size", "probes.lin_bins", "probes.topk",
-    "probes.quant_rows",
+    "probes.quant_rows", "analysis.workers",
 )  # fmt: skip
 # Tuple fields and the values each element may take (None: any non-negative int, str: any string).
 SUBSETS = {
@@ -50,7 +51,7 @@ NUMBERS = (
 # Fields that may change when a run is resumed; every other field must match the saved config.
 RESUMABLE_CHANGES = (
     "name", "train.", "checkpoint.", "mesh.", "probes.enabled", "probes.every", "probes.at_steps",
-    "probes.dump_",
+    "probes.dump_", "analysis.",
 )  # fmt: skip
 
 
@@ -120,6 +121,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     validate_probes(cfg.probes)
+    validate_analysis(cfg.analysis)
     if num_devices is not None:
         validate_mesh(cfg, num_devices)
 
@@ -154,6 +156,16 @@ def validate_probes(p: ml_collections.ConfigDict) -> None:
     if bool(p.dump_steps) != bool(p.dump_sites):
         raise ConfigError(
             "probes.dump_steps and probes.dump_sites go together: set both (or neither) to dump tensors"
+        )
+
+
+def validate_analysis(a: ml_collections.ConfigDict) -> None:
+    """Checks the analysis section (the report written after training)."""
+    if not isinstance(a.report, bool):
+        raise ConfigError(f"analysis.report={a.report!r} must be True or False")
+    if not isinstance(a.kinds, list | tuple) or not all(isinstance(k, str) and k for k in a.kinds):
+        raise ConfigError(
+            f"analysis.kinds={a.kinds!r} must be a tuple of site patterns, e.g. '(\"resid/out\",)'"
         )
 
 

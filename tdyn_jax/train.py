@@ -276,7 +276,7 @@ def _check_patterns(field: str, patterns: tuple[str, ...], sites: set[str], pref
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
-    """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+    """Trains (or resumes) the run in `workdir`; returns the last logged metrics (with their step)."""
     workdir = Path(workdir)
     sharding.maybe_initialize_distributed(cfg.mesh)
     validate(cfg, jax.device_count())
@@ -361,7 +361,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
                 compile_s = {}
                 writer.write(done, row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
-                last.update(row)
+                last.update(row, step=done)
                 pending, interval_steps = [], 0
                 interval_start = time.perf_counter()
             if done % cfg.checkpoint.every == 0 or final:

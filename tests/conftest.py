@@ -1,11 +1,49 @@
-"""Test setup: 8 virtual CPU devices for the sharding tests, and one compilation cache per session."""
+"""Test setup: 8 virtual CPU devices for the sharding tests, one compilation cache per session, and one
+tiny run with captures, dumps and a report that several test files read."""
 
 import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import jax
+import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
 # run.py subprocesses of one session share compiled programs (and never touch the user's cache)
 os.environ["TDYN_JAX_CACHE"] = tempfile.mkdtemp(prefix="tdyn_jax_test_cache_")
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ["TDYN_JAX_CACHE"], "xla"))
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+DUMP_STEP = 2
+DUMP_SITES = ("layer_01/resid/out", "layer_00/mlp/up")
+
+
+def run_cmd(workdir, *overrides):
+    """The run.py command line of a tiny run in `workdir`."""
+    return [sys.executable, "run.py", "--config=configs/tiny.py", f"--workdir={workdir}", *overrides]
+
+
+def run_tiny(workdir, *overrides):
+    """Runs run.py on configs/tiny.py to the end; returns the finished process."""
+    return subprocess.run(
+        run_cmd(workdir, *overrides), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(workdir, finished process) of the main job on configs/tiny.py: 20 steps, captures every 5 steps
+    and at step 2, full tensors of two sites dumped at step 2, and the report written at the end."""
+    workdir = tmp_path_factory.mktemp("tiny") / "run"
+    done = run_tiny(
+        workdir,
+        f"--config.probes.at_steps=({DUMP_STEP},)",
+        f"--config.probes.dump_steps=({DUMP_STEP},)",
+        f"--config.probes.dump_sites={DUMP_SITES!r}",
+        "--config.analysis.report=True",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir, done

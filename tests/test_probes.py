@@ -14,7 +14,7 @@ from tdyn_jax import sharding
 from tdyn_jax.analysis import load
 from tdyn_jax.dumps import dump_path
 from tdyn_jax.probes import stats as stats_lib
-from tdyn_jax.train import build, train
+from tdyn_jax.train import build
 
 EXP_MIN, EXP_MAX = tiny.get_config().probes.exp_min, tiny.get_config().probes.exp_max
 
@@ -74,19 +74,10 @@ def test_sharded_capture_matches_one_device():
 
 
 @pytest.fixture(scope="module")
-def dumped_run(tmp_path_factory):
-    """A 3-step run that captures the full statistic set at step 2 and dumps two sites there."""
-    cfg = tiny.get_config()
-    cfg.train.num_steps, cfg.checkpoint.every, cfg.probes.every = 3, 3, 1000
-    cfg.optim.warmup_steps = 1
-    cfg.probes.sites = ("resid/out", "mlp/up")
-    cfg.probes.formats, cfg.probes.scalings = ("e4m3", "e5m2", "int8"), ("none", "tensor", "channel")
-    cfg.probes.grads = cfg.probes.params = False
-    cfg.probes.at_steps, cfg.probes.dump_steps = (2,), (2,)
-    cfg.probes.dump_sites = ("layer_01/resid/out", "layer_00/mlp/up")
-    workdir = tmp_path_factory.mktemp("dumped")
-    train(cfg, workdir)
-    return cfg, workdir, load(workdir)
+def dumped_run(tiny_run):
+    """The session's tiny run: full statistics at step 2, where two sites were also dumped."""
+    workdir, _ = tiny_run
+    return tiny.get_config(), workdir, load(workdir)
 
 
 def _read(workdir, site, tensor):
@@ -133,7 +124,7 @@ def _check_summary(captures, site, x, lin_range=None, shape_atol=1e-7):
 
 def test_in_step_statistics_of_a_dumped_activation(dumped_run):
     cfg, workdir, captures = dumped_run
-    assert list(captures.steps) == [0, 2]
+    assert list(captures.steps) == [0, 2, 5, 10, 15]
     x = _read(workdir, "layer_01/resid/out", "x")
     assert x.shape == (cfg.data.batch_size, cfg.data.seq_len, cfg.model.d_model)
     _check_summary(captures, "layer_01/resid/out", x)

@@ -1,11 +1,9 @@
 """run.py end to end as a subprocess: resume, kill -9 and resume bitwise, SIGTERM/SIGINT, user errors."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,22 +12,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pandas as pd
 import pytest
+from conftest import ENV, ROOT, run_cmd, run_tiny
 
 from tdyn_jax.analysis import load
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
 PLAIN = "--config.probes.enabled=False"  # for the tests of the loop itself: no probed step to compile
-
-
-def _cmd(workdir, *overrides):
-    return [sys.executable, "run.py", "--config=configs/tiny.py", f"--workdir={workdir}", *overrides]
-
-
-def _run(workdir, *overrides):
-    return subprocess.run(
-        _cmd(workdir, *overrides), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
-    )
 
 
 def _metrics(workdir):
@@ -64,40 +51,41 @@ def _wait_for(predicate, proc, timeout=120):
     raise AssertionError("timed out waiting for the run")
 
 
-def test_end_to_end_then_rerun_resumes(tmp_path):
-    w = tmp_path / "run"
-    first = _run(w)
-    assert first.returncode == 0, first.stderr[-3000:]
-    rows = _metrics(w)
+def test_end_to_end_then_rerun_resumes(tiny_run, tmp_path):
+    first, done = tiny_run
+    assert "report: " in done.stdout and (first / "analysis" / "report.html").exists()
+    rows = _metrics(first)
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
     assert "val_loss" in rows[1] and "val_loss" in rows[3]
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert {"grad_norm", "param_norm", "update_norm", "lr", "tokens_per_s", "step_time_s"} <= set(rows[-1])
-    assert json.loads((w / "config.json").read_text())["model"]["d_model"] == 32
-    assert sorted(p.name for p in (w / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]
-    assert sorted(p.name for p in (w / "probes").iterdir()) == ["10", "20"]  # one chunk per checkpoint
-    assert list(load(w).steps) == [0, 5, 10, 15]
+    assert json.loads((first / "config.json").read_text())["model"]["d_model"] == 32
+    assert sorted(p.name for p in (first / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]
+    assert sorted(p.name for p in (first / "probes").iterdir()) == ["10", "20"]  # one chunk per checkpoint
+    assert list(load(first).steps) == [0, 2, 5, 10, 15]
 
-    again = _run(w)  # same command: resumes at the end, trains nothing, duplicates nothing
+    w = tmp_path / "run"
+    shutil.copytree(first, w)
+    again = run_tiny(w)  # same command: resumes at the end, trains nothing, duplicates nothing
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed" in again.stderr and "from step 20" in again.stderr
     assert [r["step"] for r in _metrics(w)] == [5, 10, 15, 20]
 
-    longer = _run(w, "--config.train.num_steps=30")
+    longer = run_tiny(w, "--config.train.num_steps=30")
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert [r["step"] for r in _metrics(w)] == [5, 10, 15, 20, 25, 30]
-    assert list(load(w).steps) == [0, 5, 10, 15, 20, 25]
+    assert list(load(w).steps) == [0, 2, 5, 10, 15, 20, 25]
 
 
 def test_kill_and_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     steps = ["--config.train.num_steps=1000", "--config.checkpoint.every=50", "--config.checkpoint.keep=2"]
-    steps += ["--config.probes.every=50", "--config.probes.sites=('resid/out', 'mlp/up')"]
+    steps += ["--config.probes.every=50"]  # tiny's sites: the session's compiled probed step
     ref, crashed = tmp_path / "ref", tmp_path / "crashed"
-    done = _run(ref, *steps)
+    done = run_tiny(ref, *steps)
     assert done.returncode == 0, done.stderr[-3000:]
 
     proc = subprocess.Popen(
-        _cmd(crashed, *steps), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        run_cmd(crashed, *steps), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     _wait_for(lambda: (crashed / "checkpoints" / "100").exists(), proc)
     while_running = load(crashed).steps  # a run that is still training can be read
@@ -114,7 +102,7 @@ def test_kill_and_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     if not stray.exists():
         shutil.copytree(crashed / "probes" / str(saved), stray)
 
-    resumed = _run(crashed, *steps)
+    resumed = run_tiny(crashed, *steps)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed" in resumed.stderr
     ref_params, new_params = _leaves(_final_params(ref, 1000)), _leaves(_final_params(crashed, 1000))
@@ -139,7 +127,7 @@ def test_signal_saves_a_checkpoint_exits_zero_and_resumes(tmp_path, sig):
     w = tmp_path / "run"
     steps = ["--config.train.num_steps=100000", "--config.checkpoint.every=100000", PLAIN]
     proc = subprocess.Popen(
-        _cmd(w, *steps), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        run_cmd(w, *steps), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     _wait_for(lambda: (w / "metrics.jsonl").exists() and (w / "metrics.jsonl").stat().st_size, proc)
     proc.send_signal(sig)
@@ -148,7 +136,7 @@ def test_signal_saves_a_checkpoint_exits_zero_and_resumes(tmp_path, sig):
     saved = [int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and 0 < saved[0] < 100000
     assert _metrics(w)[-1]["step"] == saved[0]
-    resumed = _run(w, f"--config.train.num_steps={saved[0] + 10}", PLAIN)
+    resumed = run_tiny(w, f"--config.train.num_steps={saved[0] + 10}", PLAIN)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"from step {saved[0]}" in resumed.stderr
     assert _metrics(w)[-1]["step"] == saved[0] + 10
@@ -156,17 +144,17 @@ def test_signal_saves_a_checkpoint_exits_zero_and_resumes(tmp_path, sig):
 
 def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path):
     w = tmp_path / "run"
-    bad = _run(w, "--config.model.num_heads=3")
+    bad = run_tiny(w, "--config.model.num_heads=3")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "error: model.d_model=32 is not divisible by model.num_heads=3: choose num_heads that divides d_model"
     ]
     assert not w.exists()
-    missing = _run(w, "--config.data.source=text", "--config.data.path=/nonexistent/corpus.txt")
+    missing = run_tiny(w, "--config.data.source=text", "--config.data.path=/nonexistent/corpus.txt")
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1].startswith("error: data.path=/nonexistent/corpus.txt")
     assert not w.exists()
-    typo = _run(w, "--config.probes.sites=('resid/out', 'atn/*')")
+    typo = run_tiny(w, "--config.probes.sites=('resid/out', 'atn/*')")
     assert typo.returncode == 2
     assert (
         typo.stderr.strip()
@@ -178,9 +166,9 @@ def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path):
 
 def test_incompatible_resume_is_refused_and_leaves_the_run_as_it_was(tmp_path):
     w = tmp_path / "run"
-    assert _run(w, "--config.train.num_steps=10", PLAIN).returncode == 0
+    assert run_tiny(w, "--config.train.num_steps=10", PLAIN).returncode == 0
     before = {p: p.read_bytes() for p in w.rglob("*") if p.is_file()}
-    refused = _run(w, "--config.model.num_layers=3", "--config.train.num_steps=20", PLAIN)
+    refused = run_tiny(w, "--config.model.num_layers=3", "--config.train.num_steps=20", PLAIN)
     assert refused.returncode == 2
     line = refused.stderr.strip().splitlines()[-1]
     assert line.startswith("error: cannot resume") and "model.num_layers=2 (saved) vs 3" in line
@@ -201,7 +189,7 @@ def _run_two_processes(workdir, *overrides):
     job.append(PLAIN)
     procs = [
         subprocess.Popen(
-            _cmd(workdir, *job, f"--config.mesh.process_id={i}", *overrides),
+            run_cmd(workdir, *job, f"--config.mesh.process_id={i}", *overrides),
             cwd=ROOT,
             env=ENV,
             stdout=subprocess.PIPE,
@@ -218,7 +206,7 @@ def _run_two_processes(workdir, *overrides):
 
 def test_two_process_run_matches_one_process_and_resumes(tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
-    assert _run(single, PLAIN).returncode == 0
+    assert run_tiny(single, PLAIN).returncode == 0
     _run_two_processes(multi)
     one, two = _leaves(_final_params(single, 20)), _leaves(_final_params(multi, 20))
     for name, value in one.items():
@@ -232,10 +220,10 @@ def test_two_process_run_matches_one_process_and_resumes(tmp_path):
 def test_resume_on_a_different_mesh_reshards_the_checkpoint(tmp_path):
     ref, moved = tmp_path / "ref", tmp_path / "moved"
     constant = "--config.optim.schedule=constant"  # so that stopping at step 10 changes no lr
-    assert _run(ref, constant, PLAIN).returncode == 0
-    assert _run(moved, constant, PLAIN, "--config.train.num_steps=10").returncode == 0  # one device
+    assert run_tiny(ref, constant, PLAIN).returncode == 0
+    assert run_tiny(moved, constant, PLAIN, "--config.train.num_steps=10").returncode == 0  # one device
     eight = subprocess.run(
-        _cmd(moved, constant, PLAIN, "--config.mesh.fsdp=2"),  # 4 (data) x 2 (fsdp) virtual devices
+        run_cmd(moved, constant, PLAIN, "--config.mesh.fsdp=2"),  # 4 (data) x 2 (fsdp) virtual devices
         cwd=ROOT,
         env={**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
         capture_output=True,

@@ -44,7 +44,8 @@ class Captures:
         return np.unique(self.table["step"].to_numpy())
 
 
-def _layer(site: str) -> int:
+def layer_of(site: str) -> int:
+    """The layer index in a site name (layer_03/... -> 3), or -1 outside the layers."""
     match = _LAYER.search(site)
     return int(match.group(1)) if match else -1
 
@@ -89,7 +90,7 @@ def load(workdir: str | Path) -> Captures:
                 {
                     "step": np.repeat(steps[order], n),
                     "site": np.tile(np.array(sites[stat], dtype=object), k),
-                    "layer": np.tile([_layer(s) for s in sites[stat]], k),
+                    "layer": np.tile([layer_of(s) for s in sites[stat]], k),
                     "stat": stat,
                     "value": stacked.reshape(-1),
                 }

@@ -1,0 +1,61 @@
+"""Analyse a run directory: python experiments/analyze.py --workdir=W [--sites=a,b] [--steps=0,100].
+
+Writes W/analysis/fits.csv, the figures and animations, and W/analysis/report.html, then prints the
+page's path. Works on a run that is still training (it reads the finished captures). Figure choices
+default to the run's own config (section analysis); the flags override them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+from configs import base
+
+flags.DEFINE_string("workdir", None, "Run directory to analyse.")
+flags.DEFINE_list("sites", None, "Only these sites (fnmatch patterns, with or without the layer).")
+flags.DEFINE_list("steps", None, "Only these capture steps.")
+flags.DEFINE_list("kinds", None, "Sites (without the layer) to draw; default: the run's analysis.kinds.")
+flags.DEFINE_enum("criterion", None, ["aic", "bic"], "Best-family criterion; default: the run's.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    from tdyn_jax.analysis.report import write_report
+
+    workdir = Path(flags.FLAGS.workdir)
+    if not (workdir / "config.json").exists():
+        _fail(f"{workdir} is not a run directory (no config.json): pass the --workdir of a run")
+    saved = json.loads((workdir / "config.json").read_text()).get("analysis", {})
+    defaults = base.get_config().analysis
+    try:
+        steps = [int(s) for s in flags.FLAGS.steps] if flags.FLAGS.steps else None
+    except ValueError:
+        _fail(f"--steps={','.join(flags.FLAGS.steps)} must be step numbers, e.g. --steps=0,100")
+    try:
+        page = write_report(
+            workdir,
+            flags.FLAGS.kinds or saved.get("kinds", defaults.kinds),
+            sites=flags.FLAGS.sites,
+            steps=steps,
+            criterion=flags.FLAGS.criterion or saved.get("criterion", defaults.criterion),
+            workers=saved.get("workers", defaults.workers),
+            progress=sys.stderr.isatty(),
+        )
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    print(f"report: {page}")
+
+
+if __name__ == "__main__":
+    app.run(main)

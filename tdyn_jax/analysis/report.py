@@ -1,0 +1,184 @@
+"""`write_report(workdir)`: fits, figures, animations and one HTML page in WORKDIR/analysis.
+
+Safe while the run trains: it reads only finished probe chunks and complete metric lines, and replaces
+fits.csv and report.html atomically, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from tdyn_jax.analysis import animate, findings, plots
+from tdyn_jax.analysis.fit import fit_captures
+from tdyn_jax.analysis.load import Captures, load
+from tdyn_jax.analysis.views import kind_sites, kinds, restrict, select_kinds, site_series
+
+
+def read_metrics(workdir: Path) -> pd.DataFrame:
+    """The complete lines of WORKDIR/metrics.jsonl (a line being written is skipped)."""
+    rows = []
+    path = workdir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return pd.DataFrame(rows)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
+def write_report(
+    workdir: str | Path,
+    kind_patterns: tuple[str, ...] | list[str],
+    sites: list[str] | None = None,
+    steps: list[int] | None = None,
+    criterion: str = "bic",
+    workers: int = 2,
+    progress: bool = True,
+) -> Path:
+    """Writes WORKDIR/analysis/{fits.csv, *.png, *.gif, report.html} and returns the page's path.
+
+    `sites` (fnmatch patterns over site names, with or without the layer) and `steps` restrict what is
+    analysed; `kind_patterns` choose the kinds that get histogram, QQ, heatmap and animation figures.
+    """
+    workdir = Path(workdir)
+    out = workdir / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    captures = restrict(load(workdir), sites, steps)
+    fits = fit_captures(captures, workers=workers)
+    fits_csv = fits.to_csv(index=False, float_format="%.9g")
+    _write_atomic(out / "fits.csv", fits_csv)
+    chosen = select_kinds(kinds(captures, "sample"), kind_patterns)
+    matmuls = [k.removesuffix("/E") for k in kinds(captures, "log2_range") if k.endswith("/E")]
+    metrics = read_metrics(workdir)
+
+    figures: list[tuple[str, str, Callable[[Path], Path]]] = []  # (section, caption, draw(path))
+
+    def add(section: str, caption: str, draw: Callable[[Path], Path]) -> None:
+        figures.append((section, caption, draw))
+
+    if not metrics.empty and "loss" in metrics:
+        add("Training", "loss, gradient norm and learning rate", lambda p: plots.losses(metrics, p))
+    for kind in chosen:
+        add("Heatmaps", kind, lambda p, k=kind: plots.heatmaps(captures, fits, k, p, criterion))
+    if matmuls:
+        add("Energy and correlation", "E and R of every matmul", lambda p: plots.energy(captures, matmuls, p))
+    if any(s.endswith("/lowprec") for s in captures.table.site.unique()):
+        add("Low precision", "low-precision error of C", lambda p: plots.lowprec(captures, matmuls, p))
+    for kind in chosen:
+        add("Histograms", kind, lambda p, k=kind: plots.histograms(captures, fits, k, p))
+        site = _most_kurtotic(captures, kind)
+        add("QQ plots", site, lambda p, s=site: plots.qq(captures, fits, s, p))
+        if kind_sites(captures, kind, "massive_channel"):
+            add("Outlier channels", kind, lambda p, k=kind: plots.outlier_channels(captures, k, p))
+    for kind in chosen:
+        add("Animations", f"{kind}, all layers", lambda p, k=kind: animate.kind_gif(captures, fits, k, p))
+        site = _most_kurtotic(captures, kind)
+        add("Animations", site, lambda p, s=site: animate.histograms_gif(captures, fits, [s], p, s))
+
+    drawn: list[tuple[str, str, str]] = []
+    for section, caption, draw in tqdm(figures, desc="figures", disable=not progress, unit="fig"):
+        suffix = ".gif" if section == "Animations" else ".png"
+        name = _file_name(f"{section}_{caption}")[:120] + suffix
+        drawn.append((section, caption, draw(out / name).name))
+    found = _findings(captures, fits, chosen, matmuls, criterion)
+    config = (workdir / "config.json").read_text() if (workdir / "config.json").exists() else "{}"
+    page = out / "report.html"
+    _write_atomic(page, _html(workdir, captures, metrics, config, found, drawn))
+    return page
+
+
+def _most_kurtotic(captures: Captures, kind: str) -> str:
+    """The site of `kind` with the largest excess kurtosis at the last capture (the first if none)."""
+    sites = kind_sites(captures, kind, "sample")
+    last = {s: site_series(captures, s, "kurtosis").iloc[-1] for s in sites}
+    finite = {s: k for s, k in last.items() if pd.notna(k)}
+    return max(finite, key=finite.get) if finite else sites[0]
+
+
+def _findings(
+    captures: Captures, fits: pd.DataFrame, chosen: list[str], matmuls: list[str], criterion: str
+) -> list[findings.Finding]:
+    found = []
+    for kind in chosen:
+        found += [
+            findings.gaussian_to_logistic(fits, captures, kind),
+            findings.best_families(fits, captures, kind, criterion),
+            findings.kurtosis_peak(captures, kind),
+            findings.persistent_channel(captures, kind),
+        ]
+    found.append(findings.energy_and_correlation(captures, matmuls))
+    found += findings.low_precision(captures, matmuls)
+    return [f for f in found if f is not None]
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1400px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; margin-top: 2em; }
+table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: left; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; }
+figure img { max-width: 100%; border: 1px solid #eee; } figcaption { font-size: 0.85em; color: #555; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.8em; }
+"""
+
+
+def _html(
+    workdir: Path,
+    captures: Captures,
+    metrics: pd.DataFrame,
+    config: str,
+    found: list[findings.Finding],
+    drawn: list[tuple[str, str, str]],
+) -> str:
+    e = html.escape
+    last = metrics.iloc[-1].to_dict() if not metrics.empty else {}
+    summary = [
+        ("run directory", str(workdir)),
+        ("capture steps", ", ".join(str(s) for s in captures.steps)),
+        ("sites captured", str(captures.table.site.nunique())),
+        ("last logged step", str(int(last["step"])) if "step" in last else "none"),
+        ("last loss", f"{last['loss']:.4f}" if "loss" in last else "none"),
+    ]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>Training dynamics of {e(workdir.name)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>Training dynamics of {e(workdir.name)}</h1>",
+        "<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in summary) + "</table>",
+        "<h2>Findings</h2><table><tr><th>topic</th><th>finding</th></tr>",
+        *(f"<tr><td>{e(f.topic)}</td><td>{e(f.text)}</td></tr>" for f in found),
+        "</table>",
+        "<p>Fits: maximum likelihood on the sampled values of each site and step (fits.csv); best family"
+        " by the criterion named in each heatmap.</p>",
+    ]
+    section = None
+    for name, caption, file in drawn:
+        if name != section:
+            parts.append(f"<h2>{e(name)}</h2>")
+            section = name
+        parts.append(
+            f'<figure><img src="{e(file)}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption></figure>'
+        )
+    parts += [
+        "<h2>Configuration</h2>",
+        f"<details><summary>config.json</summary><pre>{e(config)}</pre></details>",
+    ]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,124 @@
+"""The analysis report of a tiny run: every figure function writes a valid image, the page references
+only images that exist, experiments/analyze.py with its filters and its errors, and the page renders in
+headless Chromium."""
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from conftest import ENV, ROOT
+from PIL import Image
+
+from tdyn_jax.analysis import animate, load, plots
+from tdyn_jax.analysis.fit import FAMILIES, fit_captures
+from tdyn_jax.analysis.report import read_metrics
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _check_image(path, frames=None):
+    assert path.exists() and path.stat().st_size > 0, path
+    with Image.open(path) as image:
+        image.verify()  # a truncated or corrupt file raises here
+    with Image.open(path) as image:
+        assert image.width > 100 and image.height > 100
+        if frames is not None:
+            assert image.n_frames == frames
+
+
+def test_main_job_writes_a_report_whose_images_exist(tiny_run):
+    workdir, done = tiny_run
+    page = workdir / "analysis" / "report.html"
+    assert f"report: {page}" in done.stdout
+    text = page.read_text()
+    images = re.findall(r'<img src="([^"]+)"', text)
+    assert len(images) >= 8
+    steps = len(load(workdir).steps)
+    for name in images:
+        _check_image(page.parent / name, frames=steps if name.endswith(".gif") else None)
+    assert "logistic beats Gaussian" in text or "fits as well as the logistic" in text
+    assert "peak excess kurtosis" in text and "E spans a median" in text
+    fits = pd.read_csv(workdir / "analysis" / "fits.csv")
+    captures = load(workdir)
+    assert len(fits) == len(captures.steps) * len(captures.arrays["sample"].sites) * len(FAMILIES)
+    assert set(fits.family) == set(FAMILIES)
+
+
+def test_each_figure_function_writes_a_valid_image(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    captures = load(workdir)
+    fits = fit_captures(captures)
+    matmuls = ["mlp/up", "attn/scores"]
+    written = [
+        plots.histograms(captures, fits, "resid/out", tmp_path / "hist.png"),
+        plots.qq(captures, fits, "layer_01/resid/out", tmp_path / "qq.png"),
+        plots.heatmaps(captures, fits, "resid/out", tmp_path / "heat.png", "aic"),
+        plots.energy(captures, matmuls, tmp_path / "energy.png"),
+        plots.lowprec(captures, matmuls, tmp_path / "lowprec.png"),
+        plots.outlier_channels(captures, "resid/mid", tmp_path / "channels.png"),
+        plots.losses(read_metrics(workdir), tmp_path / "loss.png"),
+    ]
+    for path in written:
+        _check_image(path)
+    _check_image(animate.kind_gif(captures, fits, "resid/out", tmp_path / "a.gif"), frames=5)
+    one = animate.histograms_gif(captures, fits, ["layer_00/mlp/up/R"], tmp_path / "b.gif", "R")
+    _check_image(one, frames=5)
+
+
+def _analyze(*args):
+    return subprocess.run(
+        [sys.executable, "experiments/analyze.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True
+    )
+
+
+def test_analyze_command_filters_and_refuses_bad_input(tiny_run, tmp_path):
+    source, _ = tiny_run
+    w = tmp_path / "run"
+    shutil.copytree(source, w, ignore=shutil.ignore_patterns("analysis"))
+    done = _analyze(f"--workdir={w}", "--sites=resid/out", "--steps=0,15", "--kinds=resid/out")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == f"report: {w / 'analysis' / 'report.html'}"
+    fits = pd.read_csv(w / "analysis" / "fits.csv")
+    assert sorted(fits.step.unique()) == [0, 15]
+    assert sorted(fits.site.unique()) == ["layer_00/resid/out", "layer_01/resid/out"]
+    for args, message in [
+        (["--steps=0,3"], "error: steps [3] were not captured; captured: [0, 2, 5, 10, 15]"),
+        (["--sites=atn/*"], "error: site pattern 'atn/*' matches no captured site"),
+        (["--steps=first"], "error: --steps=first must be step numbers"),
+    ]:
+        refused = _analyze(f"--workdir={w}", *args)
+        assert refused.returncode == 2
+        assert refused.stderr.strip().splitlines()[-1].startswith(message), refused.stderr
+    missing = _analyze(f"--workdir={tmp_path / 'nothing'}")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nothing'} is not a run directory (no config.json): pass the --workdir of a run"
+    ]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)")
+def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    workdir, _ = tiny_run
+    page_path = workdir / "analysis" / "report.html"
+    problems = []
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=flags)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("requestfailed", lambda r: problems.append(f"failed to load {r.url}"))
+        page.goto(page_path.as_uri(), wait_until="load")
+        images = page.eval_on_selector_all(
+            "img", "imgs => imgs.map(i => [i.src, i.complete, i.naturalWidth])"
+        )
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert problems == []
+    assert images and all(complete and width > 0 for _, complete, width in images), images
+    _check_image(tmp_path / "report.png")

@@ -12,15 +12,23 @@ import jax
 from absl import logging
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete lines of a JSON-lines file; a line cut short (a crash while writing) is skipped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drops lines with step > last_step (written after the checkpoint a run resumes from)."""
+    """Keeps the complete lines with step <= last_step (drops what was written after the checkpoint a
+    run resumes from, and a line cut short by a crash)."""
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= last_step
-    ]
+    kept = [json.dumps(row) for row in read_jsonl(path) if row["step"] <= last_step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)

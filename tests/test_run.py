@@ -15,6 +15,7 @@ import pytest
 from conftest import ENV, ROOT, run_cmd, run_tiny
 
 from tdyn_jax.analysis import load
+from tdyn_jax.analysis.report import write_report
 
 PLAIN = "--config.probes.enabled=False"  # for the tests of the loop itself: no probed step to compile
 
@@ -95,6 +96,9 @@ def test_kill_and_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     killed_at = max(r["step"] for r in _metrics(crashed))
     assert killed_at < 1000, "the run finished before it was killed"
     saved = max(int(p.name) for p in (crashed / "checkpoints").iterdir() if p.name.isdigit())
+    (crashed / "metrics.jsonl").open("a").write('{"step": 99')  # a line cut short by the kill
+    page = write_report(crashed, ("resid/out",), progress=False)  # the report of an interrupted run
+    assert f"capture steps</th><td>{', '.join(map(str, load(crashed).steps))}<" in page.read_text()
     partial = crashed / "checkpoints" / f"{saved + 50}.orbax-checkpoint-tmp"  # a save cut short
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "truncated").write_bytes(b"\0" * 100)

@@ -7,7 +7,6 @@ fits.csv and report.html atomically, so a reader never sees half a file.
 from __future__ import annotations
 
 import html
-import json
 import os
 import re
 from collections.abc import Callable
@@ -20,18 +19,12 @@ from tdyn_jax.analysis import animate, findings, plots
 from tdyn_jax.analysis.fit import fit_captures
 from tdyn_jax.analysis.load import Captures, load
 from tdyn_jax.analysis.views import kind_sites, kinds, restrict, select_kinds, site_series
+from tdyn_jax.metrics import read_jsonl
 
 
 def read_metrics(workdir: Path) -> pd.DataFrame:
     """The complete lines of WORKDIR/metrics.jsonl (a line being written is skipped)."""
-    rows = []
-    path = workdir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return pd.DataFrame(rows)
+    return pd.DataFrame(read_jsonl(workdir / "metrics.jsonl"))
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -11,7 +11,7 @@ from matplotlib import animation
 from matplotlib import pyplot as plt
 
 from tdyn_jax.analysis.load import Captures
-from tdyn_jax.analysis.plots import DPI, draw_histogram
+from tdyn_jax.analysis.plots import DPI, FIT_STYLE, histogram_with_fits
 from tdyn_jax.analysis.views import histogram, kind_sites, site_series
 
 
@@ -27,26 +27,41 @@ def _limits(captures: Captures, sites: list[str]) -> tuple[tuple[float, float], 
 
 def histograms_gif(captures: Captures, fits: pd.DataFrame, sites: list[str], path: Path, title: str) -> Path:
     """A GIF whose frames are the capture steps and whose panels are `sites` (one or all layers), each a
-    log-count histogram with its fitted Gaussian and logistic densities."""
+    log-count histogram with its fitted Gaussian and logistic densities. The axes are drawn once; each
+    frame only moves the histogram, the curves and the titles."""
     columns = min(len(sites), 4)
     rows = -(-len(sites) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.4 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.5 * rows + 0.5), squeeze=False)
     (low, high), top = _limits(captures, sites)
     kurtosis = {site: site_series(captures, site, "kurtosis") for site in sites}
+    panels = []
+    for ax, site in zip(axes.flat, sites, strict=False):
+        fill = ax.stairs([1.0], [low, high], fill=True, color="0.75", label="captured")
+        edge = ax.stairs([1.0], [low, high], color="0.35", linewidth=0.6)
+        lines = {}
+        for family, (color, style) in FIT_STYLE.items():
+            (lines[family],) = ax.plot([], [], color=color, linestyle=style, linewidth=1.1, label=family)
+        ax.set_yscale("log")
+        ax.set_xlim(low, high)
+        ax.set_ylim(0.5, top * 3)
+        ax.set_xlabel("value")
+        ax.set_ylabel("count (log)")
+        panels.append((site, ax, fill, edge, lines))
+    for ax in list(axes.flat)[len(sites) :]:
+        ax.axis("off")
+    axes.flat[0].legend(loc="upper right", fontsize=6)
+    heading = fig.suptitle(title)
+    fig.subplots_adjust(top=1 - 0.45 / fig.get_figheight(), hspace=0.6, wspace=0.35, bottom=0.18)
 
     def frame(step: int) -> None:
-        for ax, site in zip(axes.flat, sites, strict=False):
-            ax.clear()
-            draw_histogram(ax, captures, fits, site, int(step))
-            ax.set_xlim(low, high)
-            ax.set_ylim(0.5, top * 3)
+        for site, ax, fill, edge, lines in panels:
+            counts, edges, curves = histogram_with_fits(captures, fits, site, step)
+            fill.set_data(counts, edges)
+            edge.set_data(counts, edges)
+            for family, line in lines.items():
+                line.set_data(*curves.get(family, ([], [])))
             ax.set_title(f"{site}  (kurtosis {kurtosis[site].get(step, np.nan):.2f})", fontsize=7)
-            ax.set_xlabel("value")
-            ax.set_ylabel("count (log)")
-        for ax in list(axes.flat)[len(sites) :]:
-            ax.axis("off")
-        axes.flat[0].legend(loc="upper right", fontsize=6)
-        fig.suptitle(f"{title} — step {step}")
+        heading.set_text(f"{title}: step {step}")
 
     frames = [int(s) for s in captures.steps]
     movie = animation.FuncAnimation(fig, frame, frames=frames, interval=600)

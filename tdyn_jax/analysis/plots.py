@@ -47,19 +47,29 @@ def fitted_density(fits: pd.DataFrame, step: int, site: str, family: str, x: np.
     return np.exp(logpdf(family, x[None, :], params))[0]
 
 
-def draw_histogram(ax: plt.Axes, captures: Captures, fits: pd.DataFrame, site: str, step: int) -> None:
-    """The linear histogram of `site` at `step` on a log-count axis, with the fitted Gaussian and
-    logistic densities scaled to counts (density x finite count x bin width)."""
+def histogram_with_fits(
+    captures: Captures, fits: pd.DataFrame, site: str, step: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(counts, edges, {family: (x, expected counts)}) of `site` at `step`: the linear histogram and the
+    fitted Gaussian and logistic densities scaled to counts (density x finite count x bin width)."""
     counts, edges = histogram(captures, site, step)
-    ax.stairs(counts, edges, fill=True, color="0.75", label="captured")
-    ax.stairs(counts, edges, color="0.35", linewidth=0.6)
     x = np.linspace(edges[0], edges[-1], 400)
-    width = edges[1] - edges[0]
-    for family, (color, style) in FIT_STYLE.items():
+    curves = {}
+    for family in FIT_STYLE:
         density = fitted_density(fits, step, site, family, x)
         if density is not None:
-            scaled = density * counts.sum() * width
-            ax.plot(x, scaled, color=color, linestyle=style, linewidth=1.1, label=family)
+            curves[family] = (x, density * counts.sum() * (edges[1] - edges[0]))
+    return counts, edges, curves
+
+
+def draw_histogram(ax: plt.Axes, captures: Captures, fits: pd.DataFrame, site: str, step: int) -> None:
+    """The linear histogram of `site` at `step` on a log-count axis, with its fitted densities."""
+    counts, edges, curves = histogram_with_fits(captures, fits, site, step)
+    ax.stairs(counts, edges, fill=True, color="0.75", label="captured")
+    ax.stairs(counts, edges, color="0.35", linewidth=0.6)
+    for family, (x, y) in curves.items():
+        color, style = FIT_STYLE[family]
+        ax.plot(x, y, color=color, linestyle=style, linewidth=1.1, label=family)
     ax.set_yscale("log")
     ax.set_ylim(0.5, max(counts.max(), 1) * 3)
 

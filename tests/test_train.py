@@ -46,6 +46,7 @@ def test_cross_entropy_matches_float64_numpy():
 def test_schedule_warmup_then_cosine_to_min_ratio():
     cfg = tiny.get_config()
     o = cfg.optim
+    o.schedule = "cosine"
     lr = schedule(o, 100)
     assert float(lr(0)) == 0.0
     np.testing.assert_allclose(float(lr(o.warmup_steps // 2 + 1)), o.lr * (o.warmup_steps // 2 + 1) / 5)

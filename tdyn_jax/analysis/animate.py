@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib import animation
+from matplotlib import animation, ticker
 from matplotlib import pyplot as plt
 
 from tdyn_jax.analysis.load import Captures
@@ -42,29 +42,37 @@ def histograms_gif(captures: Captures, fits: pd.DataFrame, sites: list[str], pat
         for family, (color, style) in FIT_STYLE.items():
             (lines[family],) = ax.plot([], [], color=color, linestyle=style, linewidth=1.1, label=family)
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.LogLocator(numticks=4))
+        ax.yaxis.set_minor_locator(ticker.NullLocator())  # fewer ticks: most of a frame's drawing time
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(5))
         ax.set_xlim(low, high)
         ax.set_ylim(0.5, top * 3)
         ax.set_xlabel("value")
         ax.set_ylabel("count (log)")
+        ax.set_title(site, fontsize=7)
         panels.append((site, ax, fill, edge, lines))
     for ax in list(axes.flat)[len(sites) :]:
         ax.axis("off")
     axes.flat[0].legend(loc="upper right", fontsize=6)
     heading = fig.suptitle(title)
+    changing = [heading] + [
+        a for _, ax, fill, edge, lines in panels for a in (ax.title, fill, edge, *lines.values())
+    ]
     fig.subplots_adjust(top=1 - 0.45 / fig.get_figheight(), hspace=0.6, wspace=0.35, bottom=0.18)
 
-    def frame(step: int) -> None:
+    def frame(step: int) -> list:
         for site, ax, fill, edge, lines in panels:
             counts, edges, curves = histogram_with_fits(captures, fits, site, step)
             fill.set_data(counts, edges)
             edge.set_data(counts, edges)
             for family, line in lines.items():
                 line.set_data(*curves.get(family, ([], [])))
-            ax.set_title(f"{site}  (kurtosis {kurtosis[site].get(step, np.nan):.2f})", fontsize=7)
+            ax.title.set_text(f"{site}  (kurtosis {kurtosis[site].get(step, np.nan):.2f})")
         heading.set_text(f"{title}: step {step}")
+        return changing
 
     frames = [int(s) for s in captures.steps]
-    movie = animation.FuncAnimation(fig, frame, frames=frames, interval=600)
+    movie = animation.FuncAnimation(fig, frame, frames=frames, interval=600, blit=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     movie.save(path, writer=animation.PillowWriter(fps=2), dpi=DPI * 0.7)
     plt.close(fig)

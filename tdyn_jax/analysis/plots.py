@@ -170,7 +170,7 @@ def _best_grid(best: pd.Series, captures: Captures, kind: str) -> pd.DataFrame:
 
 def _layer_step_axes(ax: plt.Axes, grid: pd.DataFrame) -> None:
     steps = list(grid.columns)
-    ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 6)).round().astype(int))
+    ticks = range(0, len(steps), -(-len(steps) // 6))  # at most 6 labels, evenly strided
     ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
     ax.set_yticks(range(len(grid.index)), [str(i) for i in grid.index])
     ax.set_xlabel("step")

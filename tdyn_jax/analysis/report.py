@@ -6,10 +6,13 @@ fits.csv and report.html atomically, so a reader never sees half a file.
 
 from __future__ import annotations
 
+import dataclasses
 import html
+import multiprocessing
 import os
 import re
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -61,41 +64,102 @@ def write_report(
     chosen = select_kinds(kinds(captures, "sample"), kind_patterns)
     matmuls = [k.removesuffix("/E") for k in kinds(captures, "log2_range") if k.endswith("/E")]
     metrics = read_metrics(workdir)
-
-    figures: list[tuple[str, str, Callable[[Path], Path]]] = []  # (section, caption, draw(path))
-
-    def add(section: str, caption: str, draw: Callable[[Path], Path]) -> None:
-        figures.append((section, caption, draw))
-
-    if not metrics.empty and "loss" in metrics:
-        add("Training", "loss, gradient norm and learning rate", lambda p: plots.losses(metrics, p))
-    for kind in chosen:
-        add("Heatmaps", kind, lambda p, k=kind: plots.heatmaps(captures, fits, k, p, criterion))
-    if matmuls:
-        add("Energy and correlation", "E and R of every matmul", lambda p: plots.energy(captures, matmuls, p))
-    if any(s.endswith("/lowprec") for s in captures.table.site.unique()):
-        add("Low precision", "low-precision error of C", lambda p: plots.lowprec(captures, matmuls, p))
-    for kind in chosen:
-        add("Histograms", kind, lambda p, k=kind: plots.histograms(captures, fits, k, p))
-        site = _most_kurtotic(captures, kind)
-        add("QQ plots", site, lambda p, s=site: plots.qq(captures, fits, s, p))
-        if kind_sites(captures, kind, "massive_channel"):
-            add("Outlier channels", kind, lambda p, k=kind: plots.outlier_channels(captures, k, p))
-    for kind in chosen:
-        add("Animations", f"{kind}, all layers", lambda p, k=kind: animate.kind_gif(captures, fits, k, p))
-        site = _most_kurtotic(captures, kind)
-        add("Animations", site, lambda p, s=site: animate.histograms_gif(captures, fits, [s], p, s))
-
+    data = _Data(captures, fits, metrics, matmuls, criterion)
+    jobs = _figure_jobs(data, chosen)
     drawn: list[tuple[str, str, str]] = []
-    for section, caption, draw in tqdm(figures, desc="figures", disable=not progress, unit="fig"):
-        suffix = ".gif" if section == "Animations" else ".png"
-        name = _file_name(f"{section}_{caption}")[:120] + suffix
-        drawn.append((section, caption, draw(out / name).name))
+    bar = tqdm(total=len(jobs), desc="figures", disable=not progress, unit="fig")
+    if workers > 1 and len(jobs) > 1:
+        # each process loads the same captures (the same steps, even if the run has moved on)
+        setup = (workdir, sites, captures.steps.tolist(), criterion, matmuls)
+        context = multiprocessing.get_context("spawn")  # no fork of a process that ran JAX threads
+        with ProcessPoolExecutor(min(workers, len(jobs)), context, _start_worker, setup) as pool:
+            for job, name in zip(jobs, pool.map(_draw, jobs, [out] * len(jobs)), strict=True):
+                drawn.append((job[0], job[1], name))
+                bar.update()
+    else:
+        _use(data)
+        for job in jobs:
+            drawn.append((job[0], job[1], _draw(job, out)))
+            bar.update()
+    bar.close()
     found = _findings(captures, fits, chosen, matmuls, criterion)
     config = (workdir / "config.json").read_text() if (workdir / "config.json").exists() else "{}"
     page = out / "report.html"
     _write_atomic(page, _html(workdir, captures, metrics, config, found, drawn))
     return page
+
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    """What the figures are drawn from."""
+
+    captures: Captures
+    fits: pd.DataFrame
+    metrics: pd.DataFrame
+    matmuls: list[str]
+    criterion: str
+
+
+_WORKER: _Data | None = None  # the data of this process's figures
+
+# figure name -> draw(data, argument, path); arguments are site kinds or site names
+DRAW: dict[str, Callable[[_Data, str, Path], Path]] = {
+    "losses": lambda d, _, p: plots.losses(d.metrics, p),
+    "heatmaps": lambda d, kind, p: plots.heatmaps(d.captures, d.fits, kind, p, d.criterion),
+    "energy": lambda d, _, p: plots.energy(d.captures, d.matmuls, p),
+    "lowprec": lambda d, _, p: plots.lowprec(d.captures, d.matmuls, p),
+    "histograms": lambda d, kind, p: plots.histograms(d.captures, d.fits, kind, p),
+    "qq": lambda d, site, p: plots.qq(d.captures, d.fits, site, p),
+    "outlier_channels": lambda d, kind, p: plots.outlier_channels(d.captures, kind, p),
+    "kind_gif": lambda d, kind, p: animate.kind_gif(d.captures, d.fits, kind, p),
+    "site_gif": lambda d, site, p: animate.histograms_gif(d.captures, d.fits, [site], p, site),
+}
+
+
+def _figure_jobs(data: _Data, chosen: list[str]) -> list[tuple[str, str, str, str]]:
+    """(section, caption, figure name, argument) of every figure of the report, in page order."""
+    captures, jobs = data.captures, []
+    if not data.metrics.empty and "loss" in data.metrics:
+        jobs.append(("Training", "loss, gradient norm and learning rate", "losses", ""))
+    jobs += [("Heatmaps", kind, "heatmaps", kind) for kind in chosen]
+    if data.matmuls:
+        jobs.append(("Energy and correlation", "E and R of every matmul", "energy", ""))
+    if any(s.endswith("/lowprec") for s in captures.table.site.unique()):
+        jobs.append(("Low precision", "low-precision error of C", "lowprec", ""))
+    for kind in chosen:
+        site = _most_kurtotic(captures, kind)
+        jobs += [("Histograms", kind, "histograms", kind), ("QQ plots", site, "qq", site)]
+        if kind_sites(captures, kind, "massive_channel"):
+            jobs.append(("Outlier channels", kind, "outlier_channels", kind))
+    for kind in chosen:
+        site = _most_kurtotic(captures, kind)
+        jobs += [
+            ("Animations", f"{kind}, all layers", "kind_gif", kind),
+            ("Animations", site, "site_gif", site),
+        ]
+    return jobs
+
+
+def _use(data: _Data) -> None:
+    global _WORKER
+    _WORKER = data
+
+
+def _start_worker(
+    workdir: Path, sites: list[str] | None, steps: list[int], criterion: str, matmuls: list[str]
+) -> None:
+    """Loads a figure process's data: the parent's captures (same steps) and its fits.csv."""
+    captures = restrict(load(workdir), sites, steps)
+    fits = pd.read_csv(workdir / "analysis" / "fits.csv")
+    _use(_Data(captures, fits, read_metrics(workdir), matmuls, criterion))
+
+
+def _draw(job: tuple[str, str, str, str], out: Path) -> str:
+    """Draws one figure of `_figure_jobs` into `out`; returns its file name."""
+    section, caption, figure, argument = job
+    suffix = ".gif" if figure.endswith("_gif") else ".png"
+    name = _file_name(f"{section}_{caption}")[:120] + suffix
+    return DRAW[figure](_WORKER, argument, out / name).name
 
 
 def _most_kurtotic(captures: Captures, kind: str) -> str:

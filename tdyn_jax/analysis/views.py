@@ -56,8 +56,8 @@ def histogram(captures: Captures, site: str, step: int) -> tuple[np.ndarray, np.
 
 def scalar(captures: Captures, kind: str, stat: str) -> pd.DataFrame:
     """Scalar statistic `stat` of the sites of `kind`: rows layers (-1 outside the layers), columns steps."""
-    t = captures.table
-    rows = t[(t.stat == stat) & (t.site.map(layer_free) == kind)]
+    rows = captures.table[captures.table.stat == stat]
+    rows = rows[rows.site.map(layer_free) == kind]
     return rows.pivot_table(index="layer", columns="step", values="value", aggfunc="first")
 
 

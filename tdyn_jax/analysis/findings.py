@@ -13,6 +13,7 @@ import pandas as pd
 from tdyn_jax.analysis.fit import best_family
 from tdyn_jax.analysis.load import Captures
 from tdyn_jax.analysis.views import kind_sites, scalar
+from tdyn_jax.probes.spec import layer_free
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +134,7 @@ def low_precision(captures: Captures, kinds: list[str]) -> list[Finding]:
     t = captures.table
     step = t.step.max()
     rows = t[(t.step == step) & t.site.str.endswith("/lowprec") & t.stat.str.endswith("rel_err")]
-    rows = rows[[any(s.endswith(f"{k}/lowprec") for k in kinds) for s in rows.site]]
+    rows = rows[[layer_free(s).removesuffix("/lowprec") in kinds for s in rows.site]]
     if rows.empty:
         return []
     medians = rows.groupby("stat")["value"].median()

@@ -24,6 +24,7 @@ from tdyn_jax.analysis.views import (
     pick_steps,
     scalar,
 )
+from tdyn_jax.probes.spec import layer_free
 
 DPI = 130
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 8})
@@ -207,12 +208,12 @@ def lowprec(captures: Captures, kinds: list[str], path: Path, step: int | None =
     step = int(captures.steps[-1]) if step is None else step
     t = captures.table
     rows = t[(t.step == step) & t.site.str.endswith("/lowprec") & t.stat.str.endswith("rel_err")]
-    rows = rows.assign(kind=[s.split("/", 1)[1].removesuffix("/lowprec") for s in rows.site])
+    rows = rows.assign(kind=[layer_free(s).removesuffix("/lowprec") for s in rows.site])
     table = rows[rows.kind.isin(kinds)].groupby(["kind", "stat"])["value"].mean().unstack("stat")
     order = [c for c in table.columns if not c.startswith(("er/", "r"))]
     order += sorted(c for c in table.columns if c.startswith(("er/", "r")))
     table = table[order]
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(table.index) * len(order) / 4), 3.6))
+    fig, ax = plt.subplots(figsize=(min(14, max(6, 0.22 * len(table.index) * len(order))), 3.6))
     width = 0.8 / len(order)
     colors = [plt.cm.tab20(i % 20) for i in range(len(order))]
     x = np.arange(len(table.index))

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 from scipy import special
+from tqdm import tqdm
 
 from tdyn_jax.analysis.load import Captures, layer_of
 
@@ -267,15 +268,19 @@ def hill_tail_index(samples: np.ndarray, k: int | None = None) -> np.ndarray:
         return np.where(ok, 1 / excess, np.nan)
 
 
-def fit_samples(samples: np.ndarray, families: tuple[str, ...] = FAMILIES, workers: int = 2) -> pd.DataFrame:
+def fit_samples(
+    samples: np.ndarray, families: tuple[str, ...] = FAMILIES, workers: int = 2, progress: bool = False
+) -> pd.DataFrame:
     """Every family fitted to every row of `samples` (m, s): one row per (row, family) with columns row,
     family, n, loc, scale, df (Student-t only), mean_loglik, aic, bic, ks, plus the row's hill tail
-    index. Rows are split into `workers` chunks fitted in threads (numpy and scipy release the GIL)."""
+    index. Chunks of rows are fitted in `workers` threads (numpy and scipy release the GIL)."""
     samples = np.asarray(samples, np.float32).reshape(len(samples), -1)
-    chunks = np.array_split(np.arange(len(samples)), max(1, min(workers, len(samples))))
+    pieces = min(len(samples), max(workers, -(-len(samples) // 256)))  # about 256 rows each
+    chunks = np.array_split(np.arange(len(samples)), max(pieces, 1))
     jobs = [(family, rows) for family in families for rows in chunks if rows.size]
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        fits = list(pool.map(lambda job: (job[1], fit(samples[job[1]], job[0])), jobs))
+        done = pool.map(lambda job: (job[1], fit(samples[job[1]], job[0])), jobs)
+        fits = list(tqdm(done, total=len(jobs), desc="fits", unit="job", disable=not progress))
     hill = hill_tail_index(samples)
     frames = []
     for rows, f in fits:
@@ -288,7 +293,9 @@ def fit_samples(samples: np.ndarray, families: tuple[str, ...] = FAMILIES, worke
     return table.sort_values(["row", "family"], kind="stable", ignore_index=True)
 
 
-def fit_captures(captures: Captures, sites: list[str] | None = None, workers: int = 2) -> pd.DataFrame:
+def fit_captures(
+    captures: Captures, sites: list[str] | None = None, workers: int = 2, progress: bool = False
+) -> pd.DataFrame:
     """`fit_samples` on the sampled values of every capture step x site (or of `sites`): the fits table
     with columns step, site, layer, family, n, loc, scale, df, mean_loglik, aic, bic, ks, hill."""
     if "sample" not in captures.arrays:
@@ -297,7 +304,7 @@ def fit_captures(captures: Captures, sites: list[str] | None = None, workers: in
     chosen = sample.sites if sites is None else [s for s in sample.sites if s in set(sites)]
     index = [sample.sites.index(s) for s in chosen]
     values = sample.values[:, index]  # (steps, sites, sample_size)
-    table = fit_samples(values.reshape(-1, values.shape[-1]), workers=workers)
+    table = fit_samples(values.reshape(-1, values.shape[-1]), workers=workers, progress=progress)
     steps = np.repeat(sample.steps, len(chosen))
     names = np.tile(np.array(chosen, dtype=object), len(sample.steps))
     rows = table.pop("row").to_numpy()

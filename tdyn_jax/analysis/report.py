@@ -58,7 +58,7 @@ def write_report(
     out = workdir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     captures = restrict(load(workdir), sites, steps)
-    fits = fit_captures(captures, workers=workers)
+    fits = fit_captures(captures, workers=workers, progress=progress)
     fits_csv = fits.to_csv(index=False, float_format="%.9g")
     _write_atomic(out / "fits.csv", fits_csv)
     chosen = select_kinds(kinds(captures, "sample"), kind_patterns)

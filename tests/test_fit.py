@@ -111,3 +111,40 @@ def test_student_t_df_is_capped_on_a_gaussian_sample():
     assert (result.params[:, 2] > 30).all() and (result.params[:, 2] <= fit.MAX_DF).all()
     gauss = fit.fit(x, "gaussian")
     np.testing.assert_allclose(result.mean_loglik, gauss.mean_loglik, atol=2e-3)
+
+
+def _binned_nll(dist, counts, edges):
+    """Negative binned log-likelihood given the histogram range, float64, straight from scipy."""
+
+    def nll(theta):
+        frozen = dist(theta[0], np.exp(theta[1]))
+        p = np.diff(frozen.cdf(edges)) / (frozen.cdf(edges[-1]) - frozen.cdf(edges[0]))
+        return -(counts * np.log(np.maximum(p, 1e-300))).sum()
+
+    return nll
+
+
+@pytest.mark.parametrize("family", fit.BINNED_FAMILIES)
+def test_binned_fit_of_a_histogram_matches_scipy(family):
+    x = _samples(family, 1, 200_000, seed=7)[0]
+    counts, edges = np.histogram(x, bins=np.linspace(x.min(), x.max(), 65))
+    got = fit.fit_histogram(counts[None], edges[None], family)
+    nll = _binned_nll(SCIPY[family], counts, edges)
+    options = {"xatol": 1e-12, "fatol": 1e-12, "maxiter": 20_000}
+    best = scipy.optimize.minimize(nll, [x.mean(), np.log(x.std())], method="Nelder-Mead", options=options)
+    np.testing.assert_allclose(got.params[0], [best.x[0], np.exp(best.x[1])], rtol=1e-4)
+    np.testing.assert_allclose(got.mean_loglik[0] * counts.sum(), -best.fun, rtol=1e-9)
+    np.testing.assert_allclose(got.params[0], _scipy_params(family, x), rtol=0.01)  # close to the sample fit
+    cdf = SCIPY[family](*got.params[0]).cdf(edges)
+    fitted = (cdf - cdf[0]) / (cdf[-1] - cdf[0])
+    np.testing.assert_allclose(
+        got.ks[0], np.abs(np.cumsum(counts) / counts.sum() - fitted[1:]).max(), atol=1e-9
+    )
+
+
+def test_binned_fit_tells_the_families_apart():
+    for family in fit.BINNED_FAMILIES:
+        x = _samples(family, 1, 100_000, seed=8)[0]
+        counts, edges = np.histogram(x, bins=np.linspace(x.min(), x.max(), 65))
+        aic = [fit.fit_histogram(counts[None], edges[None], f).aic[0] for f in fit.BINNED_FAMILIES]
+        assert fit.BINNED_FAMILIES[int(np.argmin(aic))] == family

@@ -13,7 +13,7 @@ from conftest import ENV, ROOT
 from PIL import Image
 
 from tdyn_jax.analysis import animate, load, plots
-from tdyn_jax.analysis.fit import FAMILIES, fit_captures
+from tdyn_jax.analysis.fit import BINNED_FAMILIES, FAMILIES, fit_captures
 from tdyn_jax.analysis.report import read_metrics
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -45,6 +45,10 @@ def test_main_job_writes_a_report_whose_images_exist(tiny_run):
     captures = load(workdir)
     assert len(fits) == len(captures.steps) * len(captures.arrays["sample"].sites) * len(FAMILIES)
     assert set(fits.family) == set(FAMILIES)
+    binned = pd.read_csv(workdir / "analysis" / "fits_histogram.csv")
+    hist_sites = captures.arrays["lin_hist"].sites
+    assert len(binned) == len(captures.steps) * len(hist_sites) * len(BINNED_FAMILIES)
+    assert binned.scale.notna().mean() > 0.9  # all but constant tensors (nu and updates at step 0)
 
 
 def test_each_figure_function_writes_a_valid_image(tiny_run, tmp_path):

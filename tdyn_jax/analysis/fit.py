@@ -1,4 +1,5 @@
-"""Maximum-likelihood fits of Gaussian, logistic, Laplace and Student-t distributions to captured samples.
+"""Maximum-likelihood fits of Gaussian, logistic, Laplace and Student-t distributions to captured samples,
+and binned fits of the two-parameter families to the linear histograms (every element of a tensor).
 
 Every function takes a batch of samples, one per row of an (m, s) array padded with nan, and fits all rows
 at once in float64: the Gaussian and Laplace fits are closed-form; the logistic and Student-t fits run a
@@ -251,6 +252,75 @@ def fit(samples: np.ndarray, family: str) -> Fit:
     return Fit(family, params, n, ll, 2 * k - 2 * total, k * np.log(np.maximum(n, 1)) - 2 * total, ks)
 
 
+BINNED_FAMILIES = ("gaussian", "logistic", "laplace")
+_P_FLOOR = 1e-300  # smallest bin probability: a far outlier bin costs at most -690 nats per count
+_H = 1e-4  # finite-difference step of the binned fits (standardised units)
+
+
+def _bin_probabilities(family: str, u: np.ndarray, mu: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """P(bin | the histogram's range) between standardised edges u (m, b+1); bins above the centre are
+    measured in the upper tail (1 - F(z) = F(-z) for these symmetric families), keeping far bins exact."""
+    z = (u - mu[:, None]) / s[:, None]
+    unit = np.tile([0.0, 1.0], (len(z), 1))
+    below, above = cdf(family, z, unit), cdf(family, -z, unit)
+    mass = np.where(z[:, :-1] > 0, above[:, :-1] - above[:, 1:], below[:, 1:] - below[:, :-1])
+    inside = np.where(z[:, :1] > 0, above[:, :1] - above[:, -1:], below[:, -1:] - below[:, :1])
+    return np.maximum(mass, _P_FLOOR) / np.maximum(inside, _P_FLOOR)
+
+
+def _binned_derivs(family: str) -> Callable:
+    """Mean binned log-likelihood sum_k c_k log P_k / N and its finite-difference gradient and Hessian in
+    the natural parameters (loc, scale), for `_ascend`."""
+
+    def loglik(u: np.ndarray, c: np.ndarray, n: np.ndarray, mu: np.ndarray, s: np.ndarray) -> np.ndarray:
+        return (c * np.log(_bin_probabilities(family, u, mu, s))).sum(axis=1) / n
+
+    def derivs(u: np.ndarray, c: np.ndarray, n: np.ndarray, theta: np.ndarray):
+        mu, s = theta[:, 0], np.exp(theta[:, 1])
+        shift = [(0.0, 0.0), (_H, 0.0), (-_H, 0.0), (0.0, _H), (0.0, -_H), (_H, _H), (-_H, -_H)]
+        f0, fm1, fm2, fs1, fs2, fb1, fb2 = (loglik(u, c, n, mu + dm, s + ds) for dm, ds in shift)
+        g = np.stack([(fm1 - fm2) / (2 * _H), (fs1 - fs2) / (2 * _H)], axis=1)
+        h_mm = (fm1 - 2 * f0 + fm2) / _H**2
+        h_ss = (fs1 - 2 * f0 + fs2) / _H**2
+        h_ms = (fb1 - fm1 - fs1 + 2 * f0 - fm2 - fs2 + fb2) / (2 * _H**2)
+        return f0, g, np.stack([np.stack([h_mm, h_ms], -1), np.stack([h_ms, h_ss], -1)], -2)
+
+    return derivs
+
+
+def fit_histogram(counts: np.ndarray, edges: np.ndarray, family: str) -> Fit:
+    """Fits `family` to each row of a histogram (counts (m, b), edges (m, b+1)) by binned maximum
+    likelihood, conditioned on the histogram's range: every element of the tensor counts, where a sample
+    would hold few of its tail values. `mean_loglik` is per element of the binned likelihood, `ks` the
+    largest |empirical - fitted| distribution function over the edges (a lower bound of the continuous
+    statistic)."""
+    if family not in BINNED_FAMILIES:
+        raise ValueError(f"unknown binned family {family!r}: use one of {', '.join(BINNED_FAMILIES)}")
+    c, e = np.asarray(counts, np.float64), np.asarray(edges, np.float64)
+    n = c.sum(axis=1)
+    centers = (e[:, 1:] + e[:, :-1]) / 2
+    mean = (c * centers).sum(axis=1) / np.maximum(n, 1)
+    spread = np.sqrt((c * (centers - mean[:, None]) ** 2).sum(axis=1) / np.maximum(n, 1))
+    usable = (n >= MIN_COUNT) & (spread > 0)
+    params = np.full((len(c), 2), np.nan)
+    ll = np.full(len(c), np.nan)
+    ks = np.full(len(c), np.nan)
+    if usable.any():
+        u = (e[usable] - mean[usable, None]) / spread[usable, None]
+        start = {"gaussian": 1.0, "logistic": np.sqrt(3) / np.pi, "laplace": 1 / np.sqrt(2)}[family]
+        theta = np.stack([np.zeros(usable.sum()), np.full(usable.sum(), np.log(start))], axis=1)
+        derivs = _binned_derivs(family)
+        theta = _ascend(derivs, u, c[usable], n[usable], theta, np.full(2, np.inf))
+        mu, s = theta[:, 0], np.exp(theta[:, 1])
+        params[usable] = np.stack([mean[usable] + spread[usable] * mu, spread[usable] * s], axis=1)
+        ll[usable] = derivs(u, c[usable], n[usable], theta)[0]
+        p = _bin_probabilities(family, u, mu, s)
+        gap = np.cumsum(c[usable], axis=1) / n[usable, None] - np.cumsum(p, axis=1)
+        ks[usable] = np.abs(gap).max(axis=1)
+    total = n * ll
+    return Fit(family, params, n, ll, 4 - 2 * total, 2 * np.log(np.maximum(n, 1)) - 2 * total, ks)
+
+
 def hill_tail_index(samples: np.ndarray, k: int | None = None) -> np.ndarray:
     """Hill estimate of the tail index alpha of |x| per row: 1 / (mean(log |x|_(i), i <= k) -
     log |x|_(k+1)) over the k largest |x| (default k = floor(sqrt(n)), at least 2). A Pareto tail
@@ -312,6 +382,27 @@ def fit_captures(
     table.insert(1, "site", names[rows])
     table.insert(2, "layer", [layer_of(s) for s in table["site"]])
     return table
+
+
+def fit_histograms(captures: Captures) -> pd.DataFrame:
+    """`fit_histogram` of every binned family on the linear histogram of every capture step x site: the
+    table with columns step, site, layer, family, n, loc, scale, mean_loglik, aic, bic, ks."""
+    if "lin_hist" not in captures.arrays:
+        raise ValueError("the run captured no linear histograms: add 'lin_hist' to probes.stats")
+    counts, edges = captures.arrays["lin_hist"], captures.arrays["lin_edges"]
+    c = counts.values.reshape(-1, counts.values.shape[-1])
+    e = edges.values.reshape(-1, edges.values.shape[-1])
+    steps = np.repeat(counts.steps, len(counts.sites))
+    sites = np.tile(np.array(counts.sites, dtype=object), len(counts.steps))
+    frames = []
+    for family in BINNED_FAMILIES:
+        f = fit_histogram(c, e, family)
+        columns = {"step": steps, "site": sites, "layer": [layer_of(s) for s in sites], "family": family}
+        columns |= {"n": f.n.astype(np.int64), "loc": f.params[:, 0], "scale": f.params[:, 1]}
+        columns |= {"mean_loglik": f.mean_loglik, "aic": f.aic, "bic": f.bic, "ks": f.ks}
+        frames.append(pd.DataFrame(columns))
+    table = pd.concat(frames, ignore_index=True)
+    return table.sort_values(["step", "site", "family"], kind="stable", ignore_index=True)
 
 
 def best_family(fits: pd.DataFrame, criterion: str = "bic") -> pd.Series:

@@ -19,7 +19,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from tdyn_jax.analysis import animate, findings, plots
-from tdyn_jax.analysis.fit import fit_captures
+from tdyn_jax.analysis.fit import fit_captures, fit_histograms
 from tdyn_jax.analysis.load import Captures, load
 from tdyn_jax.analysis.views import kind_sites, kinds, restrict, select_kinds, site_series
 from tdyn_jax.metrics import read_jsonl
@@ -61,6 +61,8 @@ def write_report(
     fits = fit_captures(captures, workers=workers, progress=progress)
     fits_csv = fits.to_csv(index=False, float_format="%.9g")
     _write_atomic(out / "fits.csv", fits_csv)
+    binned = fit_histograms(captures).to_csv(index=False, float_format="%.9g")
+    _write_atomic(out / "fits_histogram.csv", binned)
     chosen = select_kinds(kinds(captures, "sample"), kind_patterns)
     matmuls = [k.removesuffix("/E") for k in kinds(captures, "log2_range") if k.endswith("/E")]
     metrics = read_metrics(workdir)
@@ -222,7 +224,8 @@ def _html(
         "<h2>Findings</h2><table><tr><th>topic</th><th>finding</th></tr>",
         *(f"<tr><td>{e(f.topic)}</td><td>{e(f.text)}</td></tr>" for f in found),
         "</table>",
-        "<p>Fits: maximum likelihood on the sampled values of each site and step (fits.csv); best family"
+        "<p>Fits: maximum likelihood on the sampled values of each site and step (fits.csv), and binned"
+        " maximum likelihood on the linear histogram of every element (fits_histogram.csv); best family"
         " by the criterion named in each heatmap.</p>",
     ]
     section = None

@@ -336,8 +336,18 @@ def test_linear_histogram_constant_tensor(value):
     x = np.full(N_LIN, value, np.float32)
     counts, edges = to_np(linear_histogram(x, LIN_BINS))
     assert counts.sum() == N_LIN and np.count_nonzero(counts) == 1
-    width = np.float32(max(1.0, abs(value)) * 2.0**-10)  # the documented widening of a zero range
+    width = np.float32(max(abs(value), 2.0**-100) * 2.0**-10)  # the documented widening of a zero range
     assert edges[0] == value and edges[-1] == np.float32(value) + width
+    np.testing.assert_array_equal(counts, np.histogram(x, bins=edges)[0])
+
+
+@pytest.mark.parametrize("scale", [1e-11, 0.0])
+def test_linear_histogram_of_tiny_values_keeps_their_range(scale):
+    x = f32(scale * np.random.default_rng(9).gamma(0.5, size=N_LIN))  # e.g. Adam's nu early on
+    counts, edges = to_np(linear_histogram(x, LIN_BINS))
+    assert edges[0] == x.min() and np.isfinite(edges).all() and (np.diff(edges) > 0).all()
+    if scale:  # a real range is kept as it is
+        assert edges[-1] == np.float32(x.max()) and np.count_nonzero(counts) > LIN_BINS // 4
     np.testing.assert_array_equal(counts, np.histogram(x, bins=edges)[0])
 
 

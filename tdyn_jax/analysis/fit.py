@@ -293,7 +293,8 @@ def fit_histogram(counts: np.ndarray, edges: np.ndarray, family: str) -> Fit:
     likelihood, conditioned on the histogram's range: every element of the tensor counts, where a sample
     would hold few of its tail values. `mean_loglik` is per element of the binned likelihood, `ks` the
     largest |empirical - fitted| distribution function over the edges (a lower bound of the continuous
-    statistic)."""
+    statistic). Histograms with one occupied bin (e.g. a tensor of values far smaller than 1, whose
+    histogram range was widened) have no shape to fit: nan."""
     if family not in BINNED_FAMILIES:
         raise ValueError(f"unknown binned family {family!r}: use one of {', '.join(BINNED_FAMILIES)}")
     c, e = np.asarray(counts, np.float64), np.asarray(edges, np.float64)

@@ -86,15 +86,16 @@ def linear_histogram(
 
     Same rule as `numpy.histogram(x, bins=edges)`: bin k holds edges[k] <= x < edges[k+1], the last bin
     also holds x == edges[-1]; values outside [lo, hi] and non-finite values are not counted. A range
-    narrower than max(1, |lo|) * 2^-10 (a constant or nearly constant tensor) is widened to that
-    width above lo, so that the edges are distinct float32 numbers.
+    narrower than max(|lo|, |hi|, 2^-100) * 2^-10 (a constant or nearly constant tensor) is widened to
+    that width above lo, so that the edges are distinct float32 numbers; the width is relative, so a
+    tensor of tiny values (Adam's second moment, say) keeps a histogram of its own range.
     """
     x = x.astype(jnp.float32).reshape(-1)
     finite = jnp.isfinite(x)
     lo = jnp.min(jnp.where(finite, x, jnp.inf)) if lo is None else jnp.float32(lo)
     hi = jnp.max(jnp.where(finite, x, -jnp.inf)) if hi is None else jnp.float32(hi)
     lo, hi = jnp.where(finite.any(), lo, 0.0), jnp.where(finite.any(), hi, 1.0)
-    min_width = jnp.maximum(1.0, jnp.abs(lo)) * 2.0**-10
+    min_width = jnp.maximum(jnp.maximum(jnp.abs(lo), jnp.abs(hi)), 2.0**-100) * 2.0**-10
     hi = jnp.where(hi - lo >= min_width, hi, lo + min_width)
     edges = jnp.linspace(lo, hi, bins + 1, dtype=jnp.float32)
     idx = jnp.clip(jnp.floor((x - lo) * (bins / (hi - lo))), 0, bins - 1).astype(jnp.int32)

@@ -96,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
         "grads/mlp/up/kernel", "mlp/up/R", "attn/scores/R",
     )  # fmt: skip
     a.criterion = "bic"  # aic | bic: how the best-fitting family is chosen in the heatmaps
-    a.workers = 2  # threads that fit distributions
+    a.workers = 2  # threads that fit distributions, and processes that draw the figures
 
     c.mesh = s = ml_collections.ConfigDict()
     s.data = -1  # devices on the data-parallel axis; -1: all devices not used by fsdp

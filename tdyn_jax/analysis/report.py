@@ -121,6 +121,7 @@ DRAW: dict[str, Callable[[_Data, str, Path], Path]] = {
 def _figure_jobs(data: _Data, chosen: list[str]) -> list[tuple[str, str, str, str]]:
     """(section, caption, figure name, argument) of every figure of the report, in page order."""
     captures, jobs = data.captures, []
+    heaviest = {kind: _most_kurtotic(captures, kind) for kind in chosen}
     if not data.metrics.empty and "loss" in data.metrics:
         jobs.append(("Training", "loss, gradient norm and learning rate", "losses", ""))
     jobs += [("Heatmaps", kind, "heatmaps", kind) for kind in chosen]
@@ -129,15 +130,14 @@ def _figure_jobs(data: _Data, chosen: list[str]) -> list[tuple[str, str, str, st
     if any(s.endswith("/lowprec") for s in captures.table.site.unique()):
         jobs.append(("Low precision", "low-precision error of C", "lowprec", ""))
     for kind in chosen:
-        site = _most_kurtotic(captures, kind)
+        site = heaviest[kind]
         jobs += [("Histograms", kind, "histograms", kind), ("QQ plots", site, "qq", site)]
         if kind_sites(captures, kind, "massive_channel"):
             jobs.append(("Outlier channels", kind, "outlier_channels", kind))
     for kind in chosen:
-        site = _most_kurtotic(captures, kind)
         jobs += [
             ("Animations", f"{kind}, all layers", "kind_gif", kind),
-            ("Animations", site, "site_gif", site),
+            ("Animations", heaviest[kind], "site_gif", heaviest[kind]),
         ]
     return jobs
 

@@ -15,22 +15,21 @@ from tdyn_jax.analysis.load import Captures, ProbeArray, layer_of
 from tdyn_jax.probes.spec import layer_free
 
 
-def kinds(captures: Captures, stat: str) -> list[str]:
-    """The kinds with statistic `stat` (an array statistic or a scalar one), sorted."""
+def _sites_with(captures: Captures, stat: str) -> list[str]:
+    """The sites that have statistic `stat` (an array statistic or a scalar one)."""
     if stat in captures.arrays:
-        sites = captures.arrays[stat].sites
-    else:
-        sites = captures.table.loc[captures.table.stat == stat, "site"].unique()
-    return sorted({layer_free(s) for s in sites})
+        return list(captures.arrays[stat].sites)
+    return list(captures.table.loc[captures.table.stat == stat, "site"].unique())
+
+
+def kinds(captures: Captures, stat: str) -> list[str]:
+    """The kinds with statistic `stat`, sorted."""
+    return sorted({layer_free(s) for s in _sites_with(captures, stat)})
 
 
 def kind_sites(captures: Captures, kind: str, stat: str) -> list[str]:
     """The sites of `kind` that have statistic `stat`, in layer order."""
-    if stat in captures.arrays:
-        sites = captures.arrays[stat].sites
-    else:
-        sites = captures.table.loc[captures.table.stat == stat, "site"].unique()
-    return sorted((s for s in sites if layer_free(s) == kind), key=layer_of)
+    return sorted((s for s in _sites_with(captures, stat) if layer_free(s) == kind), key=layer_of)
 
 
 def select_kinds(available: list[str], patterns: tuple[str, ...] | list[str]) -> list[str]:

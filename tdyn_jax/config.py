@@ -40,6 +40,7 @@ SUBSETS = {
     "probes.at_steps": None,
     "probes.dump_steps": None,
     "probes.r_bits": None,
+    "probes.e_frac_bits": None,
     "probes.sites": str,
     "probes.dump_sites": str,
 }
@@ -137,7 +138,7 @@ def validate_probes(p: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{field}={values!r} must be a tuple, e.g. --config.{field}='(a, b)'")
         for v in values:
             if allowed is None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-                raise ConfigError(f"{field} entry {v!r} must be a step number (an integer >= 0)")
+                raise ConfigError(f"{field} entry {v!r} must be an integer >= 0")
             if allowed is str and not (isinstance(v, str) and v):
                 raise ConfigError(f"{field} entry {v!r} must be a non-empty site pattern string")
             if isinstance(allowed, tuple) and v not in allowed:
@@ -153,6 +154,9 @@ def validate_probes(p: ml_collections.ConfigDict) -> None:
     for bits in p.r_bits:
         if not 2 <= bits <= 16:
             raise ConfigError(f"probes.r_bits entry {bits!r} must be an integer in [2, 16]")
+    for bits in p.e_frac_bits:
+        if not bits <= 10:
+            raise ConfigError(f"probes.e_frac_bits entry {bits!r} must be an integer in [0, 10]")
     if bool(p.dump_steps) != bool(p.dump_sites):
         raise ConfigError(
             "probes.dump_steps and probes.dump_sites go together: set both (or neither) to dump tensors"

@@ -68,6 +68,7 @@ BAD_CASES = [
     pytest.param({"probes.sites": ()}, None, "probes.sites", id="probes_no_sites"),
     pytest.param({"probes.sites": ("",)}, None, "probes.sites", id="probes_empty_pattern"),
     pytest.param({"probes.r_bits": (1,)}, None, "probes.r_bits", id="probes_r_bits_too_few"),
+    pytest.param({"probes.e_frac_bits": (11,)}, None, "probes.e_frac_bits", id="probes_e_frac_bits_too_many"),
     pytest.param({"probes.exp_min": 16}, None, "probes.exp_min", id="probes_exp_range_empty"),
     pytest.param({"probes.sample_size": 0}, None, "probes.sample_size", id="probes_sample_size_zero"),
     pytest.param({"probes.dump_steps": (3,)}, None, "probes.dump_steps", id="probes_dump_without_sites"),

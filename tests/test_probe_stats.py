@@ -117,7 +117,7 @@ def rel_err64(approx, exact):
     return np.linalg.norm(approx - exact) / np.linalg.norm(exact)
 
 
-def ref_lowprec_stats(a, w, a_rows, w_rows, formats, scalings, r_bits):
+def ref_lowprec_stats(a, w, a_rows, w_rows, formats, scalings, r_bits, e_frac_bits):
     """float64 version of `lowprec.lowprec_stats` built from the ml_dtypes casts."""
     exact = matmul64(a_rows, w_rows)
     out = {}
@@ -138,8 +138,10 @@ def ref_lowprec_stats(a, w, a_rows, w_rows, formats, scalings, r_bits):
     for k in r_bits:
         levels = 2.0 ** (k - 1) - 1
         r_q = np.round(r * levels) / levels
-        out[f"er/r{k}/rel_err"] = rel_err64(np.exp2(np.round(np.log2(e))) * r_q, exact)
         out[f"r{k}/rel_err"] = rel_err64(e * r_q, exact)
+        for f in e_frac_bits:
+            e_log = np.exp2(np.round(np.log2(e) * 2.0**f) / 2.0**f)
+            out[f"er/e{f}/r{k}/rel_err"] = rel_err64(e_log * r_q, exact)
     return out
 
 
@@ -162,6 +164,7 @@ TOPK = 3
 FORMATS = ("e4m3", "e5m2", "int8")
 SCALINGS = ("none", "tensor", "channel")
 R_BITS = (4, 8)
+E_FRAC_BITS = (0, 3)
 
 moments = jax.jit(stats.moments)
 exp_histogram = jax.jit(functools.partial(stats.exp_histogram, exp_min=EXP_MIN, exp_max=EXP_MAX))
@@ -176,7 +179,9 @@ quantize = jax.jit(lowprec.quantize, static_argnums=1)
 scale = jax.jit(lowprec.scale, static_argnums=(1, 2, 3))
 range_loss = jax.jit(lowprec.range_loss, static_argnums=1)
 lowprec_stats = jax.jit(
-    functools.partial(lowprec.lowprec_stats, formats=FORMATS, scalings=SCALINGS, r_bits=R_BITS)
+    functools.partial(
+        lowprec.lowprec_stats, formats=FORMATS, scalings=SCALINGS, r_bits=R_BITS, e_frac_bits=E_FRAC_BITS
+    )
 )
 
 # ----------------------------------------------------------------------------------------------------
@@ -636,7 +641,7 @@ def lowprec_rows(grouped):
 def test_lowprec_stats(grouped):
     a, w, a_rows, w_rows = lowprec_rows(grouped)
     got = to_np(lowprec_stats(a, w, a_rows, w_rows))
-    ref = ref_lowprec_stats(a, w, a_rows, w_rows, FORMATS, SCALINGS, R_BITS)
+    ref = ref_lowprec_stats(a, w, a_rows, w_rows, FORMATS, SCALINGS, R_BITS, E_FRAC_BITS)
     assert set(got) == set(ref)
     for key, want in ref.items():
         if key.endswith("flow"):
@@ -648,9 +653,9 @@ def test_lowprec_stats(grouped):
         assert got[f"{fmt}/none/a_overflow"] > 0
         for scaling in ("tensor", "channel"):
             assert got[f"{fmt}/{scaling}/a_overflow"] == 0 and got[f"{fmt}/{scaling}/w_overflow"] == 0
-    # more R bits: smaller error; E as a power of two costs accuracy
-    assert got["r8/rel_err"] < got["r4/rel_err"] and got["er/r8/rel_err"] < got["er/r4/rel_err"]
-    assert got["r8/rel_err"] < got["er/r8/rel_err"]
+    # more R bits: smaller error; E in the log domain costs accuracy, less with more fractional bits
+    assert got["r8/rel_err"] < got["r4/rel_err"] and got["er/e0/r8/rel_err"] < got["er/e0/r4/rel_err"]
+    assert got["r8/rel_err"] < got["er/e3/r8/rel_err"] < got["er/e0/r8/rel_err"]
 
 
 def test_lowprec_sanity_gaussian():
@@ -660,7 +665,7 @@ def test_lowprec_sanity_gaussian():
     a = f32(rng.standard_normal((2, 32, 64)))
     w = f32(rng.standard_normal((2, 64, 48)))
     got = to_np(lowprec_stats(a, w, a[0, :16], w[0]))
-    ref = ref_lowprec_stats(a, w, a[0, :16], w[0], FORMATS, SCALINGS, R_BITS)
+    ref = ref_lowprec_stats(a, w, a[0, :16], w[0], FORMATS, SCALINGS, R_BITS, E_FRAC_BITS)
     for key in ("e4m3/tensor/rel_err", "e5m2/tensor/rel_err", "int8/channel/rel_err", "r4/rel_err"):
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-4, err_msg=key)
     assert got["e4m3/tensor/rel_err"] < got["e5m2/tensor/rel_err"]

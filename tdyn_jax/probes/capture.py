@@ -145,6 +145,7 @@ def matmul(module: nn.Module, a: jax.Array, w: jax.Array, c: jax.Array, name: st
         parts["lowprec"] = lowprec_stats(
             a, w, a.reshape(g * n, k)[rows], w_rows,
             formats=spec.formats, scalings=spec.scalings, r_bits=spec.r_bits,
+            e_frac_bits=spec.e_frac_bits,
         )  # fmt: skip
     for part, stats in parts.items():
         _sow(module, prefix + part, stats)

@@ -1,5 +1,6 @@
 """Simulated low-precision matmuls: FP8 E4M3, FP8 E5M2 and INT8 casts of A and W, and the E/R format
-(E as a power of two, R with k uniform bits), each measured by the relative error of C = A @ W."""
+(E in the log domain with f fractional bits, R with k uniform bits), each measured by the relative error
+of C = A @ W."""
 
 from __future__ import annotations
 
@@ -48,11 +49,12 @@ def _rows_matmul(a: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("rk,rkm->rm", a, w, precision=jax.lax.Precision.HIGHEST)
 
 
-def nearest_power_of_two(x: jax.Array) -> jax.Array:
-    """2^round(log2 x) for x > 0 (0 elsewhere), from the float's own exponent: x = m 2^e with m in
-    [0.5, 1) rounds to 2^(e-1) when m < 2^-0.5, else to 2^e."""
-    m, e = jnp.frexp(x)
-    return jnp.where(x > 0, jnp.ldexp(jnp.ones_like(x), jnp.where(m < 2.0**-0.5, e - 1, e)), 0.0)
+def log_quantize(x: jax.Array, frac_bits: int) -> jax.Array:
+    """2^(round(log2(x) 2^f) / 2^f) for x > 0 (0 elsewhere): x rounded in the log domain to f fractional
+    bits of its exponent; f = 0 gives the nearest power of two (relative error at most 2^(2^-(f+1)) - 1)."""
+    steps = 2.0**frac_bits
+    safe = jnp.where(x > 0, x, 1.0)
+    return jnp.where(x > 0, jnp.exp2(jnp.round(jnp.log2(safe) * steps) / steps), 0.0)
 
 
 def rel_error(approx: jax.Array, exact: jax.Array) -> jax.Array:
@@ -111,6 +113,7 @@ def lowprec_stats(
     formats: tuple[str, ...],
     scalings: tuple[str, ...],
     r_bits: tuple[int, ...],
+    e_frac_bits: tuple[int, ...],
 ) -> dict[str, jax.Array]:
     """Low-precision errors of one matmul.
 
@@ -121,8 +124,8 @@ def lowprec_stats(
     scales A per row (token) and W per column (output channel). The scalings of one format are
     computed together, stacked along a leading axis.
     For each k in r_bits, with Q_k(R) = round(R L) / L, L = 2^(k-1) - 1 (k uniform bits on [-1, 1]):
-    er/r{k}/rel_err rebuilds C as 2^round(log2 E_ij) * Q_k(R_ij) (E kept as an exponent only), and
-    r{k}/rel_err as E_ij * Q_k(R_ij) (E exact: it is only the n + m norms).
+    r{k}/rel_err rebuilds C as E_ij * Q_k(R_ij) (E exact: it is only the n + m norms), and for each f
+    in e_frac_bits er/e{f}/r{k}/rel_err as log_quantize(E_ij, f) * Q_k(R_ij) (E in the log domain).
     """
     a, w = a.astype(jnp.float32), w.astype(jnp.float32)
     a_rows, w_rows = a_rows.astype(jnp.float32), w_rows.astype(jnp.float32)
@@ -134,10 +137,11 @@ def lowprec_stats(
     v = jnp.sqrt(jnp.sum(w_rows * w_rows, axis=-2))
     e = u * v
     r = jnp.where(e > 0, exact / jnp.where(e > 0, e, 1.0), 0.0)
-    e_pow2 = nearest_power_of_two(e)
+    e_logs = {f: log_quantize(e, f) for f in e_frac_bits}
     for k in r_bits:
         levels = 2.0 ** (k - 1) - 1
         r_q = jnp.round(r * levels) / levels
-        out[f"er/r{k}/rel_err"] = rel_error(e_pow2 * r_q, exact)
         out[f"r{k}/rel_err"] = rel_error(e * r_q, exact)
+        for f, e_log in e_logs.items():
+            out[f"er/e{f}/r{k}/rel_err"] = rel_error(e_log * r_q, exact)
     return out

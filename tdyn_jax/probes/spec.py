@@ -39,6 +39,7 @@ class ProbeSpec:
     formats: tuple[str, ...] = tuple(FORMATS)
     scalings: tuple[str, ...] = SCALINGS
     r_bits: tuple[int, ...] = (4, 8)
+    e_frac_bits: tuple[int, ...] = (0, 3)
     dump_sites: tuple[str, ...] = ()  # set only in the step variant that runs on probes.dump_steps
     taps_only: bool = False  # only create the grad taps (the pass that learns their shapes)
 
@@ -59,6 +60,7 @@ class ProbeSpec:
             formats=tuple(probes.formats),
             scalings=tuple(probes.scalings),
             r_bits=tuple(probes.r_bits),
+            e_frac_bits=tuple(probes.e_frac_bits),
         )
 
     def with_dumps(self, dump_sites: tuple[str, ...]) -> ProbeSpec:

@@ -87,6 +87,20 @@ def kurtosis_peak(captures: Captures, kind: str) -> Finding | None:
     return Finding("tails", text, float(peak))
 
 
+def top_channel_share(
+    captures: Captures, site: str, steps: list[int] | None = None
+) -> tuple[int, float] | None:
+    """(channel, share): the channel that most often holds the largest |x| of `site` over the captures
+    at `steps` (all when None), and the share of those captures where it does; None without captures."""
+    channels = captures.arrays["massive_channel"]
+    rows = np.ones(len(channels.steps), bool) if steps is None else np.isin(channels.steps, steps)
+    top1 = channels.site(site)[rows, 0].astype(int)
+    if not top1.size:
+        return None
+    channel = int(np.bincount(top1).argmax())
+    return channel, float(np.mean(top1 == channel))
+
+
 def persistent_channel(captures: Captures, kind: str) -> Finding | None:
     """'<kind>: in L of L layers one channel holds the largest |x| in at least half of the captures' (the
     most frequent top-1 channel of each layer, and the layer where it is most persistent)."""
@@ -95,11 +109,7 @@ def persistent_channel(captures: Captures, kind: str) -> Finding | None:
     sites = kind_sites(captures, kind, "massive_channel")
     if not sites:
         return None
-    shares = {}
-    for site in sites:
-        top1 = captures.arrays["massive_channel"].site(site)[:, 0].astype(int)
-        channel = int(np.bincount(top1).argmax())
-        shares[site] = (channel, float(np.mean(top1 == channel)))
+    shares = {site: top_channel_share(captures, site) for site in sites}
     persistent = [s for s, (_, share) in shares.items() if share >= 0.5]
     site = max(shares, key=lambda s: shares[s][1])
     channel, share = shares[site]

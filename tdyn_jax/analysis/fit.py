@@ -365,7 +365,11 @@ def fit_samples(
 
 
 def fit_captures(
-    captures: Captures, sites: list[str] | None = None, workers: int = 2, progress: bool = False
+    captures: Captures,
+    sites: list[str] | None = None,
+    workers: int = 2,
+    progress: bool = False,
+    families: tuple[str, ...] = FAMILIES,
 ) -> pd.DataFrame:
     """`fit_samples` on the sampled values of every capture step x site (or of `sites`): the fits table
     with columns step, site, layer, family, n, loc, scale, df, mean_loglik, aic, bic, ks, hill."""
@@ -375,7 +379,7 @@ def fit_captures(
     chosen = sample.sites if sites is None else [s for s in sample.sites if s in set(sites)]
     index = [sample.sites.index(s) for s in chosen]
     values = sample.values[:, index]  # (steps, sites, sample_size)
-    table = fit_samples(values.reshape(-1, values.shape[-1]), workers=workers, progress=progress)
+    table = fit_samples(values.reshape(-1, values.shape[-1]), families, workers, progress)
     steps = np.repeat(sample.steps, len(chosen))
     names = np.tile(np.array(chosen, dtype=object), len(sample.steps))
     rows = table.pop("row").to_numpy()

@@ -32,7 +32,8 @@ FIT_STYLE = {"gaussian": ("tab:blue", "--"), "logistic": ("tab:red", "-")}
 FAMILY_COLORS = ListedColormap(["tab:blue", "tab:red", "tab:green", "tab:purple"])
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save(fig: plt.Figure, path: Path) -> Path:
+    """Writes `fig` to `path` (PNG) and closes it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
@@ -44,7 +45,8 @@ def fitted_density(fits: pd.DataFrame, step: int, site: str, family: str, x: np.
     row = fits[(fits.step == step) & (fits.site == site) & (fits.family == family)]
     if row.empty or not np.isfinite(row["scale"].iloc[0]):
         return None
-    params = row[["loc", "scale", "df"]].to_numpy(np.float64)[:, : (3 if family == "student_t" else 2)]
+    names = ["loc", "scale", "df"] if family == "student_t" else ["loc", "scale"]
+    params = row[names].to_numpy(np.float64)
     return np.exp(logpdf(family, x[None, :], params))[0]
 
 
@@ -94,7 +96,7 @@ def histograms(captures: Captures, fits: pd.DataFrame, kind: str, path: Path, co
     axes[0, -1].legend(loc="upper right")
     fig.suptitle(f"{kind}: histograms over training with maximum-likelihood fits", y=1.0)
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def qq(captures: Captures, fits: pd.DataFrame, site: str, path: Path, steps: int = 3) -> Path:
@@ -122,7 +124,7 @@ def qq(captures: Captures, fits: pd.DataFrame, site: str, path: Path, steps: int
     axes[0].legend(markerscale=3)
     fig.suptitle(site)
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 HEATMAP_STATS = {
@@ -154,7 +156,7 @@ def heatmaps(captures: Captures, fits: pd.DataFrame, kind: str, path: Path, crit
     ax.legend(handles, FAMILIES, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7)
     fig.suptitle(kind)
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _best_grid(best: pd.Series, captures: Captures, kind: str) -> pd.DataFrame:
@@ -198,7 +200,7 @@ def energy(captures: Captures, kinds: list[str], path: Path) -> Path:
             ax.set_xlabel("step")
     axes[0, 0].legend(fontsize=6)
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def lowprec(captures: Captures, kinds: list[str], path: Path, step: int | None = None) -> Path:
@@ -227,13 +229,15 @@ def lowprec(captures: Captures, kinds: list[str], path: Path, step: int | None =
     ax.set_title(f"low-precision error at step {step}: A, W quantized (plain) vs E/R formats (hatched)")
     ax.legend(ncol=2, fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _lowprec_label(name: str) -> str:
-    """Legend text: 'e4m3/tensor', 'er/r8' (E exponent only, R on 8 bits), 'r8' (E exact, R on 8 bits)."""
-    if name.startswith("er/r"):
-        return f"E exponent, R {name[4:]} bits"
+    """Legend text of 'e4m3/tensor', 'er/e3/r8' (log2 E on 3 fractional bits, R on 8 bits), 'r8' (E exact,
+    R on 8 bits)."""
+    if name.startswith("er/"):
+        _, e, r = name.split("/")
+        return f"log2 E {e[1:]} frac bits, R {r[1:]} bits"
     if name.startswith("r"):
         return f"E exact, R {name[1:]} bits"
     fmt, scaling = name.split("/")
@@ -256,7 +260,7 @@ def outlier_channels(captures: Captures, kind: str, path: Path) -> Path:
     axes[0, 0].set_ylabel("channel of a top-k |x|")
     fig.suptitle(f"{kind}: where the largest activations sit (colour: rank 1 = dark)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def losses(metrics: pd.DataFrame, path: Path) -> Path:
@@ -276,4 +280,4 @@ def losses(metrics: pd.DataFrame, path: Path) -> Path:
     twin.plot(metrics.step, metrics.lr, color="tab:orange", label="learning rate")
     twin.set_ylabel("learning rate", color="tab:orange")
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)

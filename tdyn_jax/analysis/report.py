@@ -30,7 +30,9 @@ def read_metrics(workdir: Path) -> pd.DataFrame:
     return pd.DataFrame(read_jsonl(workdir / "metrics.jsonl"))
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Writes `text` to `path` through a temporary file, so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -60,9 +62,9 @@ def write_report(
     captures = restrict(load(workdir), sites, steps)
     fits = fit_captures(captures, workers=workers, progress=progress)
     fits_csv = fits.to_csv(index=False, float_format="%.9g")
-    _write_atomic(out / "fits.csv", fits_csv)
+    write_atomic(out / "fits.csv", fits_csv)
     binned = fit_histograms(captures).to_csv(index=False, float_format="%.9g")
-    _write_atomic(out / "fits_histogram.csv", binned)
+    write_atomic(out / "fits_histogram.csv", binned)
     chosen = select_kinds(kinds(captures, "sample"), kind_patterns)
     matmuls = [k.removesuffix("/E") for k in kinds(captures, "log2_range") if k.endswith("/E")]
     metrics = read_metrics(workdir)
@@ -87,7 +89,7 @@ def write_report(
     found = _findings(captures, fits, chosen, matmuls, criterion)
     config = (workdir / "config.json").read_text() if (workdir / "config.json").exists() else "{}"
     page = out / "report.html"
-    _write_atomic(page, _html(workdir, captures, metrics, config, found, drawn))
+    write_atomic(page, _html(workdir, captures, metrics, config, found, drawn))
     return page
 
 

@@ -1,0 +1,87 @@
+"""The study scripts end to end on tiny configs: results written, verdicts traceable to the numbers, one
+clear line for bad input."""
+
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tdyn_jax.analysis.verdicts import Check, verdict
+from tests.conftest import ENV, ROOT
+
+
+def script(name, *args):
+    return subprocess.run(
+        [sys.executable, f"experiments/{name}.py", "--scale=tiny", *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def assert_image(path):
+    with Image.open(path) as image:
+        image.load()
+        assert min(image.size) > 100
+
+
+def test_seed_claims_tiny(tiny_run, tmp_path):
+    """The study on the session's finished tiny run (configs/seed_claims.py:tiny differs from it only in
+    fields a resume may change): nothing left to train, every claim measured."""
+    shutil.copytree(tiny_run[0], tmp_path / "run", ignore=shutil.ignore_patterns("analysis", "dumps"))
+    out = tmp_path / "results"
+    done = script("seed_claims", f"--workdir={tmp_path / 'run'}", f"--out={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "nothing to train" in done.stderr
+    page = (out / "seed_claims.md").read_text()
+    checks = pd.read_csv(out / "seed_claims" / "checks.csv")
+    assert sorted(checks.claim.unique()) == ["a", "b", "c", "d"]
+    for key, rows in checks.groupby("claim"):
+        # the verdict follows from the numbers in checks.csv by the stated rule
+        recomputed = verdict([Check(r.measure, r.value, r.sense, r.threshold) for r in rows.itertuples()])
+        assert (rows.verdict == recomputed).all()
+        assert f"| **{recomputed}** |" in next(
+            line for line in page.splitlines() if line.startswith(f"| ({key}) ")
+        )
+        assert f"({key}) {recomputed}:" in done.stdout
+    assert checks.value.notna().sum() >= len(checks) - 2  # tiny captures nearly everything the checks need
+    for figure in ("claims.png", "resid_out_histograms.png"):
+        assert f"(seed_claims/{figure})" in page
+        assert_image(out / "seed_claims" / figure)
+    assert "Training: " in page and "min of train steps" in page
+
+
+def test_outlier_levers_tiny(tmp_path):
+    out = tmp_path / "results"
+    grid = ["--lrs=1e-3,1e-2", "--eps=1e-8", "--norms=pre"]
+    done = script("outlier_levers", f"--workdir={tmp_path / 'runs'}", f"--out={out}", *grid)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = pd.read_csv(out / "outlier_levers" / "runs.csv")
+    assert runs[["lr", "eps", "norm"]].values.tolist() == [[1e-3, 1e-8, "pre"], [1e-2, 1e-8, "pre"]]
+    assert (runs.peak_rms_kurtosis >= runs.final_rms_kurtosis).all() and (runs.final_rms_kurtosis >= 1).all()
+    assert (tmp_path / "runs" / "lr0.001_eps1e-08_pre" / "probes").is_dir()
+    page = (out / "outlier_levers.md").read_text()
+    assert page.count("| pre |") == 2
+    # one pair of runs is fewer than a lever needs: every lever is inconclusive, none is decided
+    assert page.count("**inconclusive**") == 4 and "1 comparable pairs" in page
+    assert_image(out / "outlier_levers" / "kurtosis.png")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--norms=sideways"], "error: --norms: unknown sideways; use some of pre, post, none"),
+        (["--lrs=fast"], "error: --lrs and --eps take numbers"),
+        (["--eps=0"], "error: --lrs and --eps must be positive"),
+    ],
+)
+def test_outlier_levers_bad_grid(tmp_path, args, message):
+    done = script("outlier_levers", f"--workdir={tmp_path / 'runs'}", f"--out={tmp_path / 'out'}", *args)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith(message) and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()

@@ -1,6 +1,7 @@
 """The study scripts end to end on tiny configs: results written, verdicts traceable to the numbers, one
 clear line for bad input."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from tdyn_jax.analysis import levers
 from tdyn_jax.analysis.verdicts import Check, verdict
 from tests.conftest import ENV, ROOT
 
@@ -58,13 +60,13 @@ def test_seed_claims_tiny(tiny_run, tmp_path):
 
 def test_outlier_levers_tiny(tmp_path):
     out = tmp_path / "results"
-    grid = ["--lrs=1e-3,1e-2", "--eps=1e-8", "--norms=pre"]
+    grid = ["--lrs=3e-3,1e-2", "--eps=1e-8", "--norms=pre"]
     done = script("outlier_levers", f"--workdir={tmp_path / 'runs'}", f"--out={out}", *grid)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = pd.read_csv(out / "outlier_levers" / "runs.csv")
-    assert runs[["lr", "eps", "norm"]].values.tolist() == [[1e-3, 1e-8, "pre"], [1e-2, 1e-8, "pre"]]
+    assert runs[["lr", "eps", "norm"]].values.tolist() == [[3e-3, 1e-8, "pre"], [1e-2, 1e-8, "pre"]]
     assert (runs.peak_rms_kurtosis >= runs.final_rms_kurtosis).all() and (runs.final_rms_kurtosis >= 1).all()
-    assert (tmp_path / "runs" / "lr0.001_eps1e-08_pre" / "probes").is_dir()
+    assert (tmp_path / "runs" / "lr0.003_eps1e-08_pre" / "probes").is_dir()
     page = (out / "outlier_levers.md").read_text()
     assert page.count("| pre |") == 2
     # one pair of runs is fewer than a lever needs: every lever is inconclusive, none is decided
@@ -85,3 +87,30 @@ def test_outlier_levers_bad_grid(tmp_path, args, message):
     assert done.returncode == 2
     assert done.stderr.strip().startswith(message) and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def claim_rows(page: str) -> list[str]:
+    """The rows of a results page's claims table (those that end in a bold verdict)."""
+    return [line for line in page.splitlines() if re.match(r"\| \(\w+\) .*\| \*\*[a-z ]+\*\* \|$", line)]
+
+
+def test_committed_results_trace_to_their_numbers_and_match_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    seed = (ROOT / "results" / "seed_claims.md").read_text()
+    checks = pd.read_csv(ROOT / "results" / "seed_claims" / "checks.csv")
+    for key, rows in checks.groupby("claim"):
+        recomputed = verdict([Check(r.measure, r.value, r.sense, r.threshold) for r in rows.itertuples()])
+        assert (rows.verdict == recomputed).all()
+        assert any(row.startswith(f"| ({key}) ") and f"**{recomputed}**" in row for row in claim_rows(seed))
+    lever_page = (ROOT / "results" / "outlier_levers.md").read_text()
+    found = levers.lever_claims(pd.read_csv(ROOT / "results" / "outlier_levers" / "runs.csv"))
+    for claim in found:
+        assert any(
+            row.startswith(f"| ({claim.key}) ") and f"**{claim.verdict}**" in row
+            for row in claim_rows(lever_page)
+        )
+    for row in claim_rows(seed) + claim_rows(lever_page):
+        assert row in readme, row
+    for image in re.findall(r"\]\((results/[^)]+\.png)\)", readme):
+        assert_image(ROOT / image)
+    assert len(re.findall(r"\]\((results/[^)]+\.png)\)", readme)) >= 2

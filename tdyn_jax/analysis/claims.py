@@ -287,6 +287,7 @@ def energy_claim(captures: Captures) -> Claim:
     energy = last[last.site.str.endswith("/E")]
     e_range = energy[energy.stat == "log2_range"].value
     r_share = energy[energy.stat == "share_r"].value
+    correlation = last[last.site.str.endswith("/R") & (last.stat == "std")].value
     checks.append(
         Check(
             "median log2 range of E in binades",
@@ -302,7 +303,7 @@ def energy_claim(captures: Captures) -> Claim:
             float(r_share.median()) if len(r_share) else float("nan"),
             ">=",
             0.5,
-            f"over {len(r_share)} matmuls",
+            f"over {len(r_share)} matmuls; R's median std {correlation.median():.3f}",
         )
     )
     return Claim("d", ENERGY_STATEMENT, tuple(checks))

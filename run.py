@@ -9,32 +9,29 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from tdyn_jax.cli import fail, refuse_extra_args
+
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>); rerun to resume.")
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/small.py.")
 flags.mark_flags_as_required(["config"])
-
-
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing whose errors (bad flag, unknown config field, bad file) are one line, exit 2."""
     config_args = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     if not config_args:
-        _fail("--config is required, e.g. --config=configs/small.py")
+        fail("--config is required, e.g. --config=configs/small.py")
     try:
         rest = flags.FLAGS(argv)
         _ = flags.FLAGS.config.name  # loads the config file now, so its errors surface here
     except flags.Error as e:
-        _fail(f"{e}")
+        fail(f"{e}")
     except (AttributeError, KeyError) as e:
         field = str(e).strip("\"'")
         culprit = next((a for a in argv if a.startswith("--config.") and f".{field}" in a), field)
-        _fail(f"unknown config field in {culprit}: configs/base.py lists the fields")
+        fail(f"unknown config field in {culprit}: configs/base.py lists the fields")
     except OSError as e:
-        _fail(f"cannot load the config file {config_args[-1]} ({type(e).__name__}): check the path")
+        fail(f"cannot load the config file {config_args[-1]} ({type(e).__name__}): check the path")
     return rest
 
 
@@ -45,8 +42,7 @@ def _quiet_libraries(record: std_logging.LogRecord) -> bool:
 
 def main(argv: list[str]) -> int:
     """Trains or resumes the configured run; user mistakes exit 2 with one line."""
-    if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    refuse_extra_args(argv)
     logging.get_absl_handler().addFilter(_quiet_libraries)
     import jax
 
@@ -59,7 +55,7 @@ def main(argv: list[str]) -> int:
     try:
         final = train(cfg, workdir)
     except (ConfigError, DataError) as e:
-        _fail(str(e))
+        fail(str(e))
     logging.info("finished %s: %s", workdir, final)
     print(f"run directory: {workdir}")
     if cfg.analysis.report and final.get("step") == cfg.train.num_steps and jax.process_index() == 0:

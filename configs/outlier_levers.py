@@ -7,7 +7,7 @@ minutes per run on 2 cores), large (8 layers of width 512 for 3000 steps, for on
 
 import ml_collections
 
-from configs import base, tiny
+from configs import base, seed_claims, tiny
 
 SCALES = ("tiny", "cpu", "large")
 NORMS = ("pre", "post", "none")  # pre-norm, post-norm, no norms at all
@@ -53,10 +53,7 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
         c.checkpoint.every = 100
         c.probes.every = 25
     if scale == "large":
-        c.model.d_model = 512
-        c.model.num_layers = 8
-        c.model.num_heads = 8
-        c.model.d_ff = 2048
+        c.model.update(seed_claims.LARGE_MODEL)
         c.data.batch_size = 64
         c.optim.warmup_steps = 200
         c.train.num_steps = 3000

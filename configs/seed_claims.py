@@ -11,6 +11,7 @@ import ml_collections
 from configs import small, tiny
 
 SCALES = ("tiny", "cpu", "large")
+LARGE_MODEL = {"d_model": 512, "num_layers": 8, "num_heads": 8, "d_ff": 2048, "max_len": 256}
 
 
 def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
@@ -24,11 +25,7 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
         c = small.get_config()
         c.probes.at_steps = (5, 10, 20, 30, 50, 75)  # the early change, before the every-100 captures
     if scale == "large":
-        c.model.d_model = 512
-        c.model.num_layers = 8
-        c.model.num_heads = 8
-        c.model.d_ff = 2048
-        c.model.max_len = 256
+        c.model.update(LARGE_MODEL)
         c.data.seq_len = 256
         c.data.batch_size = 64
         c.optim.lr = 1e-3

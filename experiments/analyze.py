@@ -14,6 +14,7 @@ from pathlib import Path
 from absl import app, flags
 
 from configs import base
+from tdyn_jax.cli import fail, refuse_extra_args
 
 flags.DEFINE_string("workdir", None, "Run directory to analyse.")
 flags.DEFINE_list("sites", None, "Only these sites (fnmatch patterns, with or without the layer).")
@@ -23,25 +24,19 @@ flags.DEFINE_enum("criterion", None, ["aic", "bic"], "Best-family criterion; def
 flags.mark_flags_as_required(["workdir"])
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    refuse_extra_args(argv)
     from tdyn_jax.analysis.report import write_report
 
     workdir = Path(flags.FLAGS.workdir)
     if not (workdir / "config.json").exists():
-        _fail(f"{workdir} is not a run directory (no config.json): pass the --workdir of a run")
+        fail(f"{workdir} is not a run directory (no config.json): pass the --workdir of a run")
     saved = json.loads((workdir / "config.json").read_text()).get("analysis", {})
     defaults = base.get_config().analysis
     try:
         steps = [int(s) for s in flags.FLAGS.steps] if flags.FLAGS.steps else None
     except ValueError:
-        _fail(f"--steps={','.join(flags.FLAGS.steps)} must be step numbers, e.g. --steps=0,100")
+        fail(f"--steps={','.join(flags.FLAGS.steps)} must be step numbers, e.g. --steps=0,100")
     try:
         page = write_report(
             workdir,
@@ -53,7 +48,7 @@ def main(argv: list[str]) -> None:
             progress=sys.stderr.isatty(),
         )
     except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     print(f"report: {page}")
 
 

@@ -8,13 +8,13 @@ outlier channels of the residual stream per run, the lever verdicts, and a figur
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from pathlib import Path
 
 from absl import app, flags
 
 from configs import outlier_levers
+from tdyn_jax.cli import fail, refuse_extra_args
 
 flags.DEFINE_enum(
     "scale", "cpu", list(outlier_levers.SCALES), "Size of each run (configs/outlier_levers.py)."
@@ -33,11 +33,6 @@ COLUMNS = {
 }  # fmt: skip
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def _grid(scale: str) -> tuple[list[float], list[float], list[str]]:
     """The sweep's values: flags over the scale's defaults, each checked."""
     default = outlier_levers.grid(scale)
@@ -45,19 +40,18 @@ def _grid(scale: str) -> tuple[list[float], list[float], list[str]]:
         lrs = [float(v) for v in flags.FLAGS.lrs] if flags.FLAGS.lrs else list(default["lr"])
         eps = [float(v) for v in flags.FLAGS.eps] if flags.FLAGS.eps else list(default["eps"])
     except ValueError:
-        _fail("--lrs and --eps take numbers, e.g. --lrs=1e-3,4e-3 --eps=1e-8,1e-4")
+        fail("--lrs and --eps take numbers, e.g. --lrs=1e-3,4e-3 --eps=1e-8,1e-4")
     norms = list(flags.FLAGS.norms or default["norm"])
     unknown = sorted(set(norms) - set(outlier_levers.NORMS))
     if unknown:
-        _fail(f"--norms: unknown {', '.join(unknown)}; use some of {', '.join(outlier_levers.NORMS)}")
+        fail(f"--norms: unknown {', '.join(unknown)}; use some of {', '.join(outlier_levers.NORMS)}")
     if min(lrs + eps) <= 0:
-        _fail("--lrs and --eps must be positive")
+        fail("--lrs and --eps must be positive")
     return lrs, eps, norms
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    refuse_extra_args(argv)
     scale = flags.FLAGS.scale
     lrs, epss, norms = _grid(scale)
     import pandas as pd
@@ -79,7 +73,7 @@ def main(argv: list[str]) -> None:
         try:
             train(cfg, workdir)
         except (ConfigError, DataError) as e:
-            _fail(str(e))
+            fail(str(e))
         captures, metrics = load(workdir), read_metrics(workdir)
         summary = levers.run_summary(captures, metrics)
         rows.append({"lr": lr, "eps": eps, "norm": norm, **summary})
@@ -130,10 +124,7 @@ Every number is also in `outlier_levers/runs.csv`.
 
 ![largest RMS kurtosis over training per run](outlier_levers/{figure.name})
 """
-    write_atomic(out / "outlier_levers.md", page)
-    for c in found:
-        print(f"({c.key}) {c.verdict}: {c.statement}")
-    print(f"results: {out / 'outlier_levers.md'}")
+    study.publish(out / "outlier_levers.md", page, found)
 
 
 if __name__ == "__main__":

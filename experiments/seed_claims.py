@@ -8,13 +8,13 @@ with its figures and every check's number in OUT/seed_claims/.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from absl import app, flags
 
 from configs import seed_claims
+from tdyn_jax.cli import fail, refuse_extra_args
 
 flags.DEFINE_enum("scale", "cpu", list(seed_claims.SCALES), "Size of the run (configs/seed_claims.py).")
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>); rerun to resume.")
@@ -22,14 +22,8 @@ flags.DEFINE_string("out", "results", "Directory of seed_claims.md and its figur
 flags.DEFINE_integer("workers", 2, "Threads that fit the distributions.")
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    refuse_extra_args(argv)
     import pandas as pd
 
     from tdyn_jax.analysis import claims, plots, study, study_plots, verdicts
@@ -46,7 +40,7 @@ def main(argv: list[str]) -> None:
     try:
         train(cfg, workdir)
     except (ConfigError, DataError) as e:
-        _fail(str(e))
+        fail(str(e))
     trained = time.perf_counter()
 
     captures = load(workdir)
@@ -97,10 +91,7 @@ Each check's number is also in `seed_claims/checks.csv`.
 
 ![residual stream histograms with Gaussian and logistic fits](seed_claims/resid_out_histograms.png)
 """
-    write_atomic(out / "seed_claims.md", page)
-    for c in found:
-        print(f"({c.key}) {c.verdict}: {c.statement}")
-    print(f"results: {out / 'seed_claims.md'}")
+    study.publish(out / "seed_claims.md", page, found)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""What the experiment scripts share: how long a run trained and the machine it ran on."""
+"""What the study scripts share: how long a run trained, the machine it ran on, publishing a page."""
 
 from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 import jax
 import numpy as np
 import pandas as pd
+
+from tdyn_jax.analysis.report import write_atomic
+from tdyn_jax.analysis.verdicts import Claim
 
 
 def training_seconds(metrics: pd.DataFrame) -> float:
@@ -26,3 +30,11 @@ def machine() -> str:
     kind = getattr(device, "device_kind", device.platform)
     cpu = platform.processor() or platform.machine()
     return f"{os.cpu_count()} CPU cores ({cpu}), JAX {jax.__version__} on {jax.device_count()} x {kind}"
+
+
+def publish(path: Path, page: str, found: list[Claim]) -> None:
+    """Writes the results page atomically and prints each claim's verdict and the page's path."""
+    write_atomic(path, page)
+    for claim in found:
+        print(f"({claim.key}) {claim.verdict}: {claim.statement}")
+    print(f"results: {path}")

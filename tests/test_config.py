@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import ml_collections
 import pytest
 
-from configs import base, small, tiny, tpu_v5e_64
+from configs import base, outlier_levers, seed_claims, small, tiny, tpu_v5e_64
 from tdyn_jax import config as config_lib
 from tdyn_jax.config import ConfigError, resume_conflicts, to_dict, validate
 
@@ -116,6 +117,21 @@ def test_config_error_is_a_value_error():
 )
 def test_shipped_configs_validate(module, num_devices):
     validate(module.get_config(), num_devices=num_devices)
+
+
+@pytest.mark.parametrize("scale", ["tiny", "cpu", "large"])
+def test_study_configs_validate_at_every_scale_and_every_lever(scale):
+    validate(seed_claims.get_config(scale), num_devices=1)
+    levers = outlier_levers.get_config(scale)
+    grid = outlier_levers.grid(scale)
+    for lr, eps, norm in itertools.product(grid["lr"], grid["eps"], grid["norm"]):
+        cfg = outlier_levers.with_lever(levers, lr, eps, norm)
+        validate(cfg, num_devices=1)
+        assert (cfg.optim.lr, cfg.optim.eps) == (lr, eps)
+        placement = "none" if cfg.model.norm == "none" else cfg.model.norm_placement
+        assert placement == norm and cfg.name.endswith(f"_{norm}")
+    with pytest.raises(ValueError, match="unknown scale 'huge'"):
+        seed_claims.get_config("huge")
 
 
 def test_tpu_config_validates_on_64_devices_and_not_on_24():

@@ -116,13 +116,15 @@ def weights_claim(captures: Captures, fits: pd.DataFrame, num_steps: int) -> Cla
     n = int(gauss.n.max()) if len(gauss) else 0
     critical = gaussian_ks_critical(n) if n >= 8 else float("nan")
     passed = gauss.ks.to_numpy() <= critical
+    by_step = pd.Series(passed).groupby(gauss.step.to_numpy()).mean()
     bulk = Check(
         "share of weight matrices x captures whose Gaussian fit passes a KS test at 1%",
         share(passed) if len(gauss) else float("nan"),
         ">=",
         0.9,
         f"{passed.sum()} of {len(passed)}; median KS {np.median(gauss.ks) if len(gauss) else np.nan:.4f},"
-        f" critical {critical:.4f} for n = {n}",
+        f" critical {critical:.4f} for n = {n}; share passing by step: "
+        + ", ".join(f"{step} {value:.2f}" for step, value in by_step.items()),
     )
     ratio = tail_ratio(captures, sites)
     if ratio.empty:

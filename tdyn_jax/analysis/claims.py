@@ -85,9 +85,14 @@ def sites_where(captures: Captures, test) -> list[str]:
     return sorted(s for s in captures.table.site.unique() if test(s))
 
 
-def weight_sites(captures: Captures) -> list[str]:
-    """The matmul weights: params/.../kernel."""
-    return sites_where(captures, lambda s: s.startswith("params/") and s.endswith("/kernel"))
+def weight_sites(captures: Captures, collection: str = "params") -> list[str]:
+    """The matmul weights, <collection>/.../kernel: their values (params) or gradients (grads)."""
+    return sites_where(captures, lambda s: s.startswith(f"{collection}/") and s.endswith("/kernel"))
+
+
+def residual_grad_sites(captures: Captures) -> list[str]:
+    """The gradients of the residual stream: .../resid/out/grad and .../resid/mid/grad."""
+    return sites_where(captures, lambda s: layer_free(s) in RESIDUAL_GRADS)
 
 
 def residual_sites(captures: Captures) -> list[str]:
@@ -222,8 +227,7 @@ def gradients_claim(captures: Captures) -> Claim:
     excess kurtosis at most the logistic's 1.2 (>= 0.75). Then: the same share for the residual-stream
     gradients (>= 0.75); and the share of all those gradient tensors x captures whose tail ratio stays
     below a logistic's 99% quantile of their size (>= 0.9)."""
-    weight_grads = sites_where(captures, lambda s: s.startswith("grads/") and s.endswith("/kernel"))
-    residual_grads = sites_where(captures, lambda s: layer_free(s) in RESIDUAL_GRADS)
+    weight_grads, residual_grads = weight_sites(captures, "grads"), residual_grad_sites(captures)
     checks = []
     for name, sites in (("weight-gradient", weight_grads), ("residual-gradient", residual_grads)):
         kurt = site_grid(captures, sites, "kurtosis")
@@ -270,14 +274,14 @@ def energy_claim(captures: Captures) -> Claim:
     aw = [s for s in medians.index if not s.startswith(("er/", "r"))]
     checks = []
     if er in medians and aw:
-        best_er, best_aw = er, medians[aw].idxmin()
+        best_aw = medians[aw].idxmin()
         checks.append(
             Check(
                 "median error of C with 8-bit log E and 8-bit R over that of the best 8-bit A/W format",
-                float(medians[best_er] / medians[best_aw]),
+                float(medians[er] / medians[best_aw]),
                 "<=",
                 1.0,
-                f"{best_er.removesuffix('/rel_err')} {medians[best_er]:.3g} vs"
+                f"{er.removesuffix('/rel_err')} {medians[er]:.3g} vs"
                 f" {best_aw.removesuffix('/rel_err')} {medians[best_aw]:.3g}; E as a power of two:"
                 f" {medians.get('er/e0/r8/rel_err', np.nan):.3g}; exact E:"
                 f" {medians.get('r8/rel_err', np.nan):.3g}",

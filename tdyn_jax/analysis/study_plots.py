@@ -11,7 +11,6 @@ from tdyn_jax.analysis import claims as claims_lib
 from tdyn_jax.analysis.load import Captures
 from tdyn_jax.analysis.plots import save
 from tdyn_jax.analysis.verdicts import Claim
-from tdyn_jax.probes.spec import layer_free
 
 
 def _early(ax: plt.Axes, num_steps: int) -> None:
@@ -54,11 +53,11 @@ def claims_figure(
     )
     b.legend(fontsize=7)
 
-    for name, test, color in (
-        ("weight gradients", lambda s: s.startswith("grads/") and s.endswith("/kernel"), "tab:green"),
-        ("residual gradients", lambda s: layer_free(s) in claims_lib.RESIDUAL_GRADS, "tab:purple"),
+    for name, sites, color in (
+        ("weight gradients", claims_lib.weight_sites(captures, "grads"), "tab:green"),
+        ("residual gradients", claims_lib.residual_grad_sites(captures), "tab:purple"),
     ):
-        kurt = claims_lib.site_grid(captures, claims_lib.sites_where(captures, test), "kurtosis")
+        kurt = claims_lib.site_grid(captures, sites, "kurtosis")
         if kurt.empty:
             continue
         c.plot(kurt.columns, kurt.median(axis=0), color=color, lw=2, label=f"{name} (median)")

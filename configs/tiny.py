@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.probes.sites = ("resid/*", "attn/scores", "mlp/up", "*/attn/q/kernel")
     c.probes.formats = ("e4m3", "e5m2")
     c.probes.sample_size = 64
+    c.probes.rows = 64  # of 256 tokens: the sampled statistics really sample
     c.analysis.report = False  # the report has tests of its own
     c.analysis.kinds = ("resid/out",)
     return c

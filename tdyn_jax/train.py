@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import functools
 import signal
 import sys
 import time
@@ -197,8 +196,8 @@ class Program:
     abstract_state: Any  # ShapeDtypeStructs carrying the state shardings (restore target)
     train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]  # jitted, donates the state
     eval_step: Callable[[Any, dict], jax.Array]  # jitted mean cross-entropy
-    probe_step: Callable | None = None  # jitted probed step: + ({statistic: (sites, ...)}, {})
-    dump_step: Callable | None = None  # the probed step that also returns the tensors to dump
+    probe_step: Any = None  # jitted probed step: + ({statistic: (sites, ...)}, {})
+    dump_step: Any = None  # the jitted probed step that also returns the tensors to dump
     probe_index: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # statistic -> sites
 
 
@@ -226,18 +225,19 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Program:
     program = Program(model, jax.jit(init, out_shardings=state_sharding), abstract, train_step, eval_step)
     if not cfg.probes.enabled:
         return program
-    tokens = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32)
+    tokens = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32, sharding=batch_sharding)
     batch = {"inputs": tokens, "targets": tokens}
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def jit_probed(spec: ProbeSpec) -> tuple[Callable, dict[str, Any]]:
-        fn = make_train_step(model, tx, cfg, spec)
-        found: dict[str, Any] = {}  # site names, known once the step is traced
+    def jit_probed(spec: ProbeSpec) -> tuple[Any, dict[str, list[str]], set[str]]:
+        """The jitted probed step of `spec`, its statistics index and the sites it dumps, both
+        read from the shapes of its outputs."""
+        step = jax.jit(make_train_step(model, tx, cfg, spec))
+        _, _, blocks, dumped = step.eval_shape(abstract, batch)  # traced once, reused below
+        dumped_sites = {name.removesuffix("/dump") for names in dumped for name in names}
 
         def packed(state: TrainState, b: dict) -> tuple:
-            new_state, metrics, blocks, dumped = fn(state, b)
-            found["index"] = capture.pack_index(blocks)
-            found["dumped"] = {name.removesuffix("/dump") for names in dumped for name in names}
+            new_state, metrics, blocks, dumped = step(state, b)
             return new_state, metrics, capture.pack(blocks), dumped
 
         jitted = jax.jit(
@@ -246,19 +246,16 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Program:
             out_shardings=(state_sharding, None, replicated, replicated),
             donate_argnums=0,
         )
-        traced = jitted.trace(abstract, batch)  # learns the site names; calls reuse this trace
-        compiled = functools.cache(lambda: traced.lower().compile())  # on the first capture step
-        return lambda state, b: compiled()(state, b), found
+        return jitted, capture.pack_index(blocks), dumped_sites
 
     spec = ProbeSpec.from_config(cfg.probes)
-    probe_step, found = jit_probed(spec)
-    index = found["index"]
+    probe_step, index, _ = jit_probed(spec)
     captured = {layer_free(site) for sites in index.values() for site in sites}
     _check_patterns("probes.sites", cfg.probes.sites, captured, prefixes=True)
     dump_step = None
     if cfg.probes.dump_steps:
-        dump_step, dump_found = jit_probed(spec.with_dumps(tuple(cfg.probes.dump_sites)))
-        _check_patterns("probes.dump_sites", cfg.probes.dump_sites, dump_found["dumped"], prefixes=False)
+        dump_step, _, dumped = jit_probed(spec.with_dumps(tuple(cfg.probes.dump_sites)))
+        _check_patterns("probes.dump_sites", cfg.probes.dump_sites, dumped, prefixes=False)
     return dataclasses.replace(program, probe_step=probe_step, dump_step=dump_step, probe_index=index)
 
 

@@ -223,7 +223,7 @@ def energy_captures(er: float, aw: float, e_range: float, share_r: float) -> Cap
             values[(step, f"{site}/lowprec", "e4m3/tensor/rel_err")] = aw
             values[(step, f"{site}/lowprec", "int8/none/rel_err")] = 10 * aw
             values[(step, f"{site}/E", "log2_range")] = e_range
-            values[(step, f"{site}/E", "share_r")] = share_r
+            values[(step, f"{site}/R", "share_r")] = share_r
     return captures_of(values)
 
 
@@ -233,7 +233,7 @@ def test_energy_claim_rules():
     assert claims.energy_claim(energy_captures(0.03, 0.02, 9.0, 0.8)).verdict == NOT_SUPPORTED
     found = claims.energy_claim(energy_captures(0.01, 0.02, 2.0, 0.8))  # narrow E
     assert [c.holds for c in found.checks] == [True, False, True] and found.verdict == INCONCLUSIVE
-    empty = claims.energy_claim(captures_of({(0, "layer_00/mlp/up/E", "share_r"): 0.8}))
+    empty = claims.energy_claim(captures_of({(0, "layer_00/mlp/up/R", "share_r"): 0.8}))
     assert empty.checks[0].holds is None and empty.verdict == INCONCLUSIVE
 
 

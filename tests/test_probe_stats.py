@@ -52,17 +52,19 @@ def ref_exp_histogram(x, exp_min, exp_max):
     return np.array([np.sum(label == lab) for lab in stats.exp_hist_labels(exp_min, exp_max)])
 
 
-def ref_outliers(x, topk):
-    """Straightforward float64 versions of the formulas in `outliers.outlier_metrics`."""
+def ref_outliers(x, topk, rows=None):
+    """Straightforward float64 versions of the formulas in `outliers.outlier_metrics` (the median-based
+    ones on the tokens `rows`, default all)."""
     d = x.shape[-1]
     a = np.abs(np.asarray(x, np.float64).reshape(-1, d))
+    sampled = a if rows is None else a[rows]
     s = np.sqrt(np.mean(a**2, axis=0))  # RMS of each channel
     order = np.argsort(-a.reshape(-1), kind="stable")[:topk]
     return {
         "rms_kurtosis": np.mean(s**4) / np.mean(s**2) ** 2,
-        "max_median_ratio": np.mean(a.max(axis=1) / np.median(a, axis=1)),
+        "max_median_ratio": np.mean(sampled.max(axis=1) / np.median(sampled, axis=1)),
         "int8_outlier_channels": np.sum(100 * np.sum(a >= 6, axis=0) >= 6 * a.shape[0]),  # >= 6%
-        "massive_ratio": a.reshape(-1)[order] / np.median(a),
+        "massive_ratio": a.reshape(-1)[order] / np.median(sampled),
         "massive_channel": order % d,
         "massive_token": order // d,
     }
@@ -118,17 +120,18 @@ def rel_err64(approx, exact):
 
 
 def ref_lowprec_stats(a, w, a_rows, w_rows, formats, scalings, r_bits, e_frac_bits):
-    """float64 version of `lowprec.lowprec_stats` built from the ml_dtypes casts."""
+    """float64 version of `lowprec.lowprec_stats` built from the ml_dtypes casts: everything on the rows,
+    the per-tensor scales from the whole operands."""
     exact = matmul64(a_rows, w_rows)
     out = {}
     for fmt in formats:
         for scaling in scalings:
             name = f"{fmt}/{scaling}"
             sa, sw = ref_scale(a, fmt, scaling, -1), ref_scale(w, fmt, scaling, -2)
-            out[f"{name}/a_underflow"], out[f"{name}/a_overflow"] = ref_range_loss(a, fmt, sa)
-            out[f"{name}/w_underflow"], out[f"{name}/w_overflow"] = ref_range_loss(w, fmt, sw)
             if scaling == "channel":
                 sa, sw = ref_scale(a_rows, fmt, scaling, -1), ref_scale(w_rows, fmt, scaling, -2)
+            out[f"{name}/a_underflow"], out[f"{name}/a_overflow"] = ref_range_loss(a_rows, fmt, sa)
+            out[f"{name}/w_underflow"], out[f"{name}/w_overflow"] = ref_range_loss(w_rows, fmt, sw)
             approx = matmul64(ref_quantize(a_rows, fmt, sa), ref_quantize(w_rows, fmt, sw))
             out[f"{name}/rel_err"] = rel_err64(approx, exact)
     u = np.linalg.norm(np.asarray(a_rows, np.float64), axis=-1)[:, None]
@@ -397,6 +400,32 @@ def test_uniform_sample_small_tensor_padded():
     assert np.all(np.isnan(s[37:]))
 
 
+def test_counts_split_into_int32_pieces_are_exact():
+    """Counts go through int32 sums of pieces of at most `limit` elements: with a small limit the same
+    code path as a tensor of more than 2^31 elements, checked exactly."""
+    rng = np.random.default_rng(21)
+    mask = rng.random((6, 35)) < 0.3
+    idx = rng.integers(-2, 9, (6, 35))
+    for limit in (7, 10, 35, 1000):  # 210 elements in 30, 21, 6 or 1 pieces
+        assert stats.pieces(jax.numpy.asarray(mask), limit).shape[1] <= limit
+        assert float(stats.count(mask, limit)) == mask.sum()
+        want = [np.sum(idx == v) for v in range(7)]  # values outside 0..6 are dropped
+        np.testing.assert_array_equal(stats.bincount(idx, 7, limit), want)
+
+
+def test_summary_of_a_tensor_beyond_int32_traces():
+    """A (512, 16, 1024, 1024) score tensor (2^33 elements) traces without an int32 overflow (shapes
+    only: nothing of that size is allocated); its counts go through 8 pieces of 2^30 elements."""
+    x = jax.ShapeDtypeStruct((512, 16, 1024, 1024), np.float32)
+    summarize = functools.partial(
+        stats.summary, groups=frozenset({"exp_hist", "lin_hist", "sample"}), exp_range=(EXP_MIN, EXP_MAX),
+        lin_bins=8, sample_size=SAMPLE,
+    )  # fmt: skip
+    shapes = jax.eval_shape(summarize, x, jax.random.key(0))
+    assert shapes["exp_hist"].shape == (stats.exp_hist_bins(EXP_MIN, EXP_MAX),)
+    assert jax.eval_shape(stats.pieces, x).shape == (8, 2**30)  # the smallest p with <= 2^31 - 1 each
+
+
 # ----------------------------------------------------------------------------------------------------
 # outliers.outlier_metrics
 # ----------------------------------------------------------------------------------------------------
@@ -415,7 +444,7 @@ def test_outlier_metrics():
     planted = [(3, 7, 1000.0), (150, 33, -800.0), (77, 0, 600.0)]  # (token, channel, value)
     for tok, ch, val in planted:
         x[tok, ch] = val
-    got = to_np(outlier_metrics(x.reshape(batch, seq, d), TOPK))
+    got = to_np(outlier_metrics(x.reshape(batch, seq, d), TOPK, np.arange(batch * seq)))
     ref = ref_outliers(x, TOPK)
     assert got["int8_outlier_channels"] == ref["int8_outlier_channels"] == 4
     np.testing.assert_array_equal(got["massive_token"], [t for t, _, _ in planted])
@@ -429,6 +458,23 @@ def test_outlier_metrics():
     assert got["massive_channel"].dtype == np.float32 and got["massive_ratio"].shape == (TOPK,)
 
 
+def test_outlier_metrics_on_sampled_rows():
+    """The median-based metrics use only the tokens `rows` (repeats allowed); the massive activations
+    are still the exact top values over every token, wherever they lie."""
+    rng = np.random.default_rng(17)
+    x = f32(rng.standard_normal((300, 48)) * rng.uniform(0.5, 3.0, 48))
+    x[250, 3], x[7, 40], x[123, 3] = 900.0, -700.0, 650.0  # none of them among the sampled rows
+    rows = np.concatenate([rng.choice(np.setdiff1d(np.arange(300), [7, 123, 250]), 40), [0, 0]])
+    got, ref = to_np(outlier_metrics(x, TOPK, rows)), ref_outliers(x, TOPK, rows)
+    np.testing.assert_array_equal(got["massive_token"][:3], [250, 7, 123])
+    for key in ("massive_token", "massive_channel"):
+        np.testing.assert_array_equal(got[key], ref[key], err_msg=key)
+    for key in ("massive_ratio", "max_median_ratio", "rms_kurtosis"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, err_msg=key)
+    full = ref_outliers(x, TOPK)
+    assert got["max_median_ratio"] != pytest.approx(full["max_median_ratio"], rel=1e-3)  # really sampled
+
+
 def test_outlier_metrics_three_int8_channels():
     """3 channels at 8 in 10% of the tokens, one at 8 in only 2%: 3 outlier channels."""
     rng = np.random.default_rng(8)
@@ -436,7 +482,7 @@ def test_outlier_metrics_three_int8_channels():
     for ch in (1, 2, 63):
         x[rng.choice(200, 20, replace=False), ch] = 8.0
     x[rng.choice(200, 4, replace=False), 30] = 8.0
-    got = to_np(outlier_metrics(x.reshape(4, 50, 64), TOPK))
+    got = to_np(outlier_metrics(x.reshape(4, 50, 64), TOPK, np.arange(200)))
     assert got["int8_outlier_channels"] == 3
     np.testing.assert_allclose(got["rms_kurtosis"], ref_outliers(x, TOPK)["rms_kurtosis"], rtol=1e-5)
 
@@ -445,10 +491,10 @@ def test_rms_kurtosis_limits():
     """1 when all channels have the same RMS; d when one channel carries everything."""
     x = np.ones((4, 50, 64), np.float32)
     x[..., ::2] = -1.0
-    assert abs(float(outlier_metrics(x, TOPK)["rms_kurtosis"]) - 1.0) < 1e-6
+    assert abs(float(outlier_metrics(x, TOPK, np.arange(200))["rms_kurtosis"]) - 1.0) < 1e-6
     y = np.zeros((4, 50, 64), np.float32)
     y[..., 9] = 3.0
-    np.testing.assert_allclose(outlier_metrics(y, TOPK)["rms_kurtosis"], 64.0, rtol=1e-4)
+    np.testing.assert_allclose(outlier_metrics(y, TOPK, np.arange(200))["rms_kurtosis"], 64.0, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -469,7 +515,7 @@ def test_norms_and_correlation():
     np.testing.assert_allclose(u, np.linalg.norm(a64, axis=-1), rtol=1e-6)
     np.testing.assert_allclose(v, np.linalg.norm(w64, axis=-2), rtol=1e-6)
     c = f32(a64 @ w64)
-    r = np.asarray(correlation(c, u, v))
+    r = np.asarray(correlation(c, u[:, :, None] * v[:, None, :]))
     # R = C / (u v^T) on the given float32 inputs, and the explicit cosines of a_i and w_j
     e = u.astype(np.float64)[:, :, None] * v.astype(np.float64)[:, None, :]
     np.testing.assert_allclose(r, np.where(e > 0, c / np.where(e > 0, e, 1), 0), rtol=1e-6, atol=1e-7)
@@ -532,7 +578,7 @@ def test_log_split():
     c[0, :3, 0] = 0.0  # exact zeros are left out
     c[1, 5, 7] = 0.0
     u, v = norms(a, w)
-    got = to_np(log_split(c, u, v))
+    got = to_np(log_split(c, u[:, :, None] * v[:, None, :]))
     u64, v64 = np.asarray(u, np.float64), np.asarray(v, np.float64)
     ok = c != 0
     log_c = np.log2(np.abs(c[ok].astype(np.float64)))
@@ -632,7 +678,7 @@ def test_range_loss(fmt):
 def lowprec_rows(grouped):
     a, w = lowprec_data()
     if not grouped:
-        return a, w, a[0, :16], w[0]
+        return a, w, np.concatenate([a[0, :16], a[1, 10:11]]), w[0]  # with the planted overflows
     rows = np.array([(0, 3), (1, 10), (0, 20), (1, 0), (0, 0), (1, 31), (0, 8), (1, 17)])
     return a, w, a[rows[:, 0], rows[:, 1]], w[rows[:, 0]]
 

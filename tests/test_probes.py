@@ -97,6 +97,14 @@ def _array(captures, stat, site):
     return captures.arrays[stat].site(site)[list(captures.arrays[stat].steps).index(2)]
 
 
+def _rows(captures, site, n, size):
+    """The rows sampled at `site` (step 2): `size` indices into its n rows, not all the same."""
+    rows = _array(captures, "rows", site).astype(np.int64)
+    assert rows.shape == (size,) and size < n and (rows >= 0).all() and (rows < n).all()
+    assert len(np.unique(rows)) > size // 2
+    return rows
+
+
 def _check_summary(captures, site, x, lin_range=None, shape_atol=1e-7):
     x64 = x.astype(np.float64).reshape(-1)
     expected = {
@@ -135,9 +143,10 @@ def test_in_step_statistics_of_a_dumped_activation(dumped_run):
         np.mean(rms**4) / np.mean(rms**2) ** 2,
         rtol=1e-4,
     )
-    mmr = np.mean(a.max(axis=1) / np.median(a, axis=1))
+    rows = _rows(captures, "layer_01/resid/out", a.shape[0], cfg.probes.rows)
+    mmr = np.mean(a[rows].max(axis=1) / np.median(a[rows], axis=1))
     np.testing.assert_allclose(_scalar(captures, "layer_01/resid/out", "max_median_ratio"), mmr, rtol=1e-4)
-    top = np.sort(a.reshape(-1))[::-1][: cfg.probes.topk] / np.median(a)
+    top = np.sort(a.reshape(-1))[::-1][: cfg.probes.topk] / np.median(a[rows])
     np.testing.assert_allclose(_array(captures, "massive_ratio", "layer_01/resid/out"), top, rtol=1e-5)
 
 
@@ -154,7 +163,10 @@ def test_in_step_energy_correlation_and_low_precision_of_a_dumped_matmul(dumped_
     np.testing.assert_allclose(r, c / e64, rtol=1e-4, atol=1e-6)
     _check_summary(captures, f"{site}/in", _read(workdir, site, "A"))
     _check_summary(captures, f"{site}/out", _read(workdir, site, "C"))
-    _check_summary(captures, f"{site}/R", r, lin_range=(-1.0, 1.0))
+    rows = _rows(captures, f"{site}/R", a.shape[1], cfg.probes.rows)
+    assert np.array_equal(_array(captures, "rows", f"{site}/lowprec"), rows)  # the same rows
+    r_rows, c_rows, e_rows = r[0][rows], c[0][rows], e64[0][rows]
+    _check_summary(captures, f"{site}/R", r_rows, lin_range=(-1.0, 1.0))
     # the token norms are nearly equal (rms-normed input): their skewness and kurtosis depend on the
     # last bits of each norm, which float32 (in the step) and float64 (here) round differently
     _check_summary(captures, f"{site}/a_norm", u.astype(np.float32), shape_atol=2e-3)
@@ -169,11 +181,12 @@ def test_in_step_energy_correlation_and_low_precision_of_a_dumped_matmul(dumped_
     }
     for stat, value in energy.items():
         np.testing.assert_allclose(_scalar(captures, f"{site}/E", stat), value, rtol=1e-4, err_msg=stat)
-    log_c, log_e = np.log2(np.abs(c)), np.log2(e64)
-    np.testing.assert_allclose(_scalar(captures, f"{site}/E", "var_log2_c"), log_c.var(), rtol=1e-4)
-    np.testing.assert_allclose(_scalar(captures, f"{site}/E", "var_log2_e"), log_e.var(), rtol=1e-4)
-    # low precision: underflow and overflow of the whole A and W, as the float8 casts of ml_dtypes see them
-    a32, w32 = _read(workdir, site, "A"), _read(workdir, site, "W")
+    log_c, log_e = np.log2(np.abs(c_rows)), np.log2(e_rows)
+    np.testing.assert_allclose(_scalar(captures, f"{site}/R", "var_log2_c"), log_c.var(), rtol=1e-4)
+    np.testing.assert_allclose(_scalar(captures, f"{site}/R", "var_log2_e"), log_e.var(), rtol=1e-4)
+    # low precision: underflow and overflow of the rows of A and of W (per-tensor scales from the whole
+    # operands), as the float8 casts of ml_dtypes see them
+    a32, w32 = _read(workdir, site, "A")[0], _read(workdir, site, "W")[0]
     for fmt, dtype, top in (
         ("e4m3", ml_dtypes.float8_e4m3fn, 448.0),
         ("e5m2", ml_dtypes.float8_e5m2, 57344.0),
@@ -182,10 +195,26 @@ def test_in_step_energy_correlation_and_low_precision_of_a_dumped_matmul(dumped_
         q = np.clip(w32 / s, -top, top).astype(dtype).astype(np.float32) * s
         under = np.sum((w32 != 0) & (q == 0)) / np.sum(w32 != 0)
         assert _scalar(captures, f"{site}/lowprec", f"{fmt}/tensor/w_underflow") == pytest.approx(under)
-        raw = a32.astype(dtype).astype(np.float32)
+        raw = a32[rows].astype(dtype).astype(np.float32)
         assert _scalar(captures, f"{site}/lowprec", f"{fmt}/none/a_overflow") == pytest.approx(
             np.mean(~(np.abs(raw) <= top))
         )
+        # the error of C on the sampled rows, A per row and W per column scaled to the format
+        qa = a32[rows] / (np.abs(a32[rows]).max(axis=1, keepdims=True) / np.float32(top))
+        qw = w32 / (np.abs(w32).max(axis=0, keepdims=True) / np.float32(top))
+        approx = (
+            qa.astype(dtype).astype(np.float64) * (np.abs(a32[rows]).max(axis=1, keepdims=True) / top)
+        ) @ (qw.astype(dtype).astype(np.float64) * (np.abs(w32).max(axis=0, keepdims=True) / top))
+        exact = a32[rows].astype(np.float64) @ w32.astype(np.float64)
+        want = np.linalg.norm(approx - exact) / np.linalg.norm(exact)
+        got = _scalar(captures, f"{site}/lowprec", f"{fmt}/channel/rel_err")
+        np.testing.assert_allclose(got, want, rtol=2e-3, err_msg=fmt)
+    t = captures.table
+    sampled = t[t.step == 2].set_index(["site", "stat"])["sampled"]
+    assert sampled[(f"{site}/R", "std")] and sampled[(f"{site}/lowprec", "e4m3/channel/rel_err")]
+    assert not sampled[(f"{site}/E", "std")] and not sampled[(f"{site}/out", "kurtosis")]
+    assert sampled[("layer_01/resid/out", "max_median_ratio")]
+    assert not sampled[("layer_01/resid/out", "rms_kurtosis")]
     for k in cfg.probes.r_bits:  # E in the log domain costs precision, less with more fractional bits
         err = {f: _scalar(captures, f"{site}/lowprec", f"er/e{f}/r{k}/rel_err") for f in (0, 3)}
         assert 0 < _scalar(captures, f"{site}/lowprec", f"r{k}/rel_err") < err[3] < err[0] < 1

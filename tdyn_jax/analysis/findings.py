@@ -125,7 +125,7 @@ def energy_and_correlation(captures: Captures, kinds: list[str]) -> Finding | No
     over the matmul sites."""
     ranges = [scalar(captures, f"{k}/E", "log2_range").iloc[:, -1] for k in kinds]
     spread = [scalar(captures, f"{k}/R", "std").iloc[:, -1] for k in kinds]
-    share = [scalar(captures, f"{k}/E", "share_r").iloc[:, -1] for k in kinds]
+    share = [scalar(captures, f"{k}/R", "share_r").iloc[:, -1] for k in kinds]
     if not ranges:
         return None
     e_range = float(np.nanmedian(pd.concat(ranges)))

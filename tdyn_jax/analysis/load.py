@@ -13,6 +13,7 @@ from absl import logging
 
 from tdyn_jax.config import flatten
 from tdyn_jax.probe_store import ITEMS, decode_index, probes_dir
+from tdyn_jax.probes.spec import is_sampled
 
 _LAYER = re.compile(r"(?:^|/)layer_(\d+)(?:/|$)")
 
@@ -33,7 +34,9 @@ class ProbeArray:
 @dataclasses.dataclass(frozen=True)
 class Captures:
     """Everything captured in a run: `table` has one row per step x site x scalar statistic
-    (columns step, site, layer (-1 outside the layers), stat, value); `arrays` the other statistics."""
+    (columns step, site, layer (-1 outside the layers), stat, value, sampled: True where the value is
+    estimated on the sampled rows of the tensor, see `tdyn_jax.probes.spec.SAMPLED_PARTS`); `arrays`
+    the other statistics (the array statistics of a /R or /lowprec site are sampled too)."""
 
     table: pd.DataFrame
     arrays: dict[str, ProbeArray]
@@ -93,9 +96,10 @@ def load(workdir: str | Path) -> Captures:
                     "layer": np.tile([layer_of(s) for s in sites[stat]], k),
                     "stat": stat,
                     "value": stacked.reshape(-1),
+                    "sampled": np.tile([is_sampled(s, stat) for s in sites[stat]], k),
                 }
             )
         )
-    columns = ["step", "site", "layer", "stat", "value"]
+    columns = ["step", "site", "layer", "stat", "value", "sampled"]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     return Captures(table[columns], arrays)

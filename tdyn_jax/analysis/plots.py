@@ -184,7 +184,7 @@ def energy(captures: Captures, kinds: list[str], path: Path) -> Path:
     """Per matmul kind over training: log2 dynamic range of E, the spread (std) of R, and the share of
     var(log2|C|) carried by E and by R; one line per layer."""
     columns = [("E", "log2_range", "log2 range of E (binades)"), ("R", "std", "std of R")]
-    columns.append(("E", "share_e", "share of var(log2|C|): E (solid), R (dashed)"))
+    columns.append(("R", "share_e", "share of var(log2|C|): E (solid), R (dashed)"))
     fig, axes = plt.subplots(len(kinds), 3, figsize=(10.5, 2.3 * len(kinds)), squeeze=False)
     for i, kind in enumerate(kinds):
         for j, (part, stat, title) in enumerate(columns):
@@ -194,7 +194,7 @@ def energy(captures: Captures, kinds: list[str], path: Path) -> Path:
             for layer, color in zip(grid.index, colors, strict=True):
                 ax.plot(grid.columns, grid.loc[layer], color=color, label=f"layer {layer}")
                 if stat == "share_e":
-                    share_r = scalar(captures, f"{kind}/E", "share_r")
+                    share_r = scalar(captures, f"{kind}/R", "share_r")
                     ax.plot(share_r.columns, share_r.loc[layer], color=color, linestyle="--")
             ax.set_title(f"{kind}: {title}", fontsize=8)
             ax.set_xlabel("step")

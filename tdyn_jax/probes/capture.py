@@ -31,6 +31,16 @@ def _sow(module: nn.Module, name: str, stats: Stats) -> None:
     module.sow("intermediates", name, jax.lax.stop_gradient(stats))
 
 
+def sample_rows(key: jax.Array, n: int, size: int) -> tuple[jax.Array, jax.Array]:
+    """(rows, stored): `size` row indices drawn uniformly with replacement from range(n), or all n rows
+    in order when n <= size; `stored` is the same padded with -1 to `size` (the statistic "rows")."""
+    if n <= size:
+        rows = jnp.arange(n, dtype=jnp.int32)
+        return rows, jnp.concatenate([rows, jnp.full((size - n,), -1, jnp.int32)])
+    rows = jax.random.randint(key, (size,), 0, n, dtype=jnp.int32)
+    return rows, rows
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _tap(spec: ProbeSpec, x: jax.Array, slot: tuple[Stats], key_data: jax.Array) -> jax.Array:
     del slot, key_data
@@ -73,9 +83,11 @@ def activation(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
     if spec.taps_only:
         return grad_tap(module, f"{name}/grad", x) if spec.grads else x
     x_ = jax.lax.stop_gradient(x)
-    stats = spec.summary(x_, module.make_rng("probe"))
-    if "outliers" in spec.groups:
-        stats |= outlier_metrics(x_, spec.topk)
+    key, rows_key = jax.random.split(module.make_rng("probe"))
+    stats = spec.summary(x_, key)
+    if "outliers" in spec.stats:
+        rows, stored = sample_rows(rows_key, x_.size // x_.shape[-1], spec.rows)
+        stats |= outlier_metrics(x_, spec.topk, rows) | {"rows": stored}
     _sow(module, name, stats)
     if spec.dumps(site):
         module.sow("dumps", f"{name}/dump", {"x": x})
@@ -112,11 +124,13 @@ def log_partition(module: nn.Module, name: str, logits: jax.Array) -> None:
 
 def matmul(module: nn.Module, a: jax.Array, w: jax.Array, c: jax.Array, name: str | None = None) -> jax.Array:
     """Statistics of one matmul in grouped form a (g, n, k) @ w (g, k, m) = c (g, n, m), sown as
-    <site>/in, /out, /a_norm, /w_norm, /E (exact moments, log-variance split), /R (on [-1, 1]) and
-    /lowprec. Returns c, gradient-tapped (<site>/out/grad) when the spec asks for gradients. The site
-    is the module path (+ `name`). Outlier metrics are left to the activation sites: the input of
-    every weight matmul is one of them (a norm output, the MLP hidden activation or the attention
-    output), and they are the costliest statistic to compute."""
+    <site>/in, /out, /a_norm, /w_norm, /E (exact moments from the norms), /R (R on [-1, 1] and the
+    log-variance split) and /lowprec. /R and /lowprec are computed on `probes.rows` rows of C sampled
+    uniformly (stored with them as "rows", indices into the g * n rows), so their cost does not grow
+    with the tokens; the others cover the whole tensors. Returns c, gradient-tapped (<site>/out/grad)
+    when the spec asks for gradients. The site is the module path (+ `name`). Outlier metrics are left
+    to the activation sites: the input of every weight matmul is one of them (a norm output, the MLP
+    hidden activation or the attention output)."""
     spec: ProbeSpec | None = module.probe
     site = _site(module, name)
     if spec is None or not spec.wants(site):
@@ -126,33 +140,37 @@ def matmul(module: nn.Module, a: jax.Array, w: jax.Array, c: jax.Array, name: st
         return grad_tap(module, f"{prefix}out/grad", c) if spec.grads else c
     a, w, c32 = (jax.lax.stop_gradient(t.astype(jnp.float32)) for t in (a, w, c))
     keys = jax.random.split(module.make_rng("probe"), 6)
-    dense = a.shape[0] == 1
+    (g, n, k), m = a.shape, w.shape[-1]
+    dense = g == 1
     parts = {"in": spec.summary(a, keys[0]), "out": spec.summary(c32, keys[1])}
-    if "energy" in spec.groups:
+    rows, stored = sample_rows(keys[5], g * n, spec.rows)
+    a_rows, w_rows = a.reshape(g * n, k)[rows], w[0] if dense else w[rows // n]
+    if "energy" in spec.stats:
         u, v = norms(a, w)
-        r = correlation(c32, u, v)
         log_only = frozenset({"exp_hist"})  # the norms' moments and dynamic range
         parts["a_norm"], parts["w_norm"] = (
             spec.summary(u, keys[2], only=log_only),
             spec.summary(v, keys[3], only=log_only),
         )
-        parts["E"] = energy_stats(u, v) | log_split(c32, u, v)
-        parts["R"] = spec.summary(r, keys[4], lin_range=(-1.0, 1.0))
-    if "lowprec" in spec.groups:
-        g, n, k = a.shape
-        rows = jax.random.randint(keys[5], (spec.quant_rows,), 0, g * n)
-        w_rows = w[0] if dense else w[rows // n]
+        parts["E"] = energy_stats(u, v)
+        e_rows = u.reshape(-1)[rows][:, None] * (v if dense else v[rows // n])
+        c_rows = c32.reshape(g * n, m)[rows]
+        r_rows = correlation(c_rows, e_rows)
+        parts["R"] = spec.summary(r_rows, keys[4], lin_range=(-1.0, 1.0)) | log_split(c_rows, e_rows)
+        parts["R"]["rows"] = stored
+    if "lowprec" in spec.stats:
         parts["lowprec"] = lowprec_stats(
-            a, w, a.reshape(g * n, k)[rows], w_rows,
-            formats=spec.formats, scalings=spec.scalings, r_bits=spec.r_bits,
+            a, w, a_rows, w_rows, formats=spec.formats, scalings=spec.scalings, r_bits=spec.r_bits,
             e_frac_bits=spec.e_frac_bits,
         )  # fmt: skip
+        parts["lowprec"]["rows"] = stored
     for part, stats in parts.items():
         _sow(module, prefix + part, stats)
     if spec.dumps(site):
         tensors = {"A": a, "W": w, "C": c32}
-        if "energy" in spec.groups:
-            tensors |= {"E": u[:, :, None] * v[:, None, :], "R": r}
+        if "energy" in spec.stats:
+            e = u[:, :, None] * v[:, None, :]
+            tensors |= {"E": e, "R": correlation(c32, e)}
         module.sow("dumps", f"{prefix}dump", tensors)
     return grad_tap(module, f"{prefix}out/grad", c) if spec.grads else c
 

@@ -2,7 +2,8 @@
 
 A matmul is given in grouped form: a (g, n, k), w (g, k, m), c = a @ w (g, n, m), with g = 1 for a
 weight matmul and g = batch x heads for attention scores (w = K^T). Token norms u = ||a_gi||, channel
-norms v = ||w_gj||, E_gij = u_gi v_gj, R = C / E (0 where E = 0).
+norms v = ||w_gj||, E_gij = u_gi v_gj, R = C / E (0 where E = 0). E's moments are exact from the norms;
+R and the log-variance split are computed on given entries (the probed step passes sampled rows).
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ def norms(a: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.sqrt(jnp.sum(a * a, axis=-1)), jnp.sqrt(jnp.sum(w * w, axis=-2))
 
 
-def correlation(c: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
-    """R = C / E with E = u v^T per group; 0 where E = 0."""
-    e = u[:, :, None] * v[:, None, :]
+def correlation(c: jax.Array, e: jax.Array) -> jax.Array:
+    """R = C / E for entries of C and their energies E (same shape); 0 where E = 0."""
     return jnp.where(e > 0, c.astype(jnp.float32) / jnp.where(e > 0, e, 1.0), 0.0)
 
 
@@ -67,21 +67,21 @@ def energy_stats(u: jax.Array, v: jax.Array) -> dict[str, jax.Array]:
     }
 
 
-def log_split(c: jax.Array, u: jax.Array, v: jax.Array) -> dict[str, jax.Array]:
-    """How much of the spread of log2|c| comes from E and how much from R.
+def log_split(c: jax.Array, e: jax.Array) -> dict[str, jax.Array]:
+    """How much of the spread of log2|c| comes from E and how much from R, over entries of C and their
+    energies E (same shape; in the probed step the sampled rows of C).
 
-    Over the entries with c != 0: log2|c| = log2 E + log2|R|, so
+    Over the entries with c != 0 and E > 0: log2|c| = log2 E + log2|R|, so
     var(log2|c|) = var(log2 E) + var(log2|R|) + 2 cov(log2 E, log2|R|).
     share_e = var(log2 E) / var(log2|c|) and share_r = var(log2|R|) / var(log2|c|); the covariance
     term makes up the rest (share_e + share_r + 2 cov / var(log2|c|) = 1).
     """
     c = c.astype(jnp.float32)
-    ok = (c != 0) & jnp.isfinite(c) & (u[:, :, None] > 0) & (v[:, None, :] > 0)
+    ok = (c != 0) & jnp.isfinite(c) & (e > 0)
     n = jnp.sum(ok, dtype=jnp.int32).astype(jnp.float32)
-    log_e = jnp.log2(jnp.where(u > 0, u, 1.0))[:, :, None] + jnp.log2(jnp.where(v > 0, v, 1.0))[:, None, :]
     log_c = jnp.log2(jnp.where(ok, jnp.abs(c), 1.0))
-    log_e = jnp.where(ok, log_e, 0.0)
-    log_r = jnp.where(ok, log_c - log_e, 0.0)
+    log_e = jnp.log2(jnp.where(ok, e, 1.0))
+    log_r = log_c - log_e
     mean = lambda t: jnp.sum(t) / n
     me, mr = mean(log_e), mean(log_r)
     de, dr = jnp.where(ok, log_e - me, 0.0), jnp.where(ok, log_r - mr, 0.0)

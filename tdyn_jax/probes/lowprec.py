@@ -62,11 +62,15 @@ def rel_error(approx: jax.Array, exact: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum((approx - exact) ** 2) / jnp.sum(exact * exact))
 
 
-def _stacked_scales(x: jax.Array, fmt: str, scalings: tuple[str, ...], axis: int) -> jax.Array:
-    """The scales of x for each scaling, broadcast to one shape and stacked on a new leading axis."""
-    shape = list(x.shape)
+def _row_scales(
+    whole: jax.Array, rows: jax.Array, fmt: str, scalings: tuple[str, ...], axis: int
+) -> jax.Array:
+    """The scales of `rows` for each scaling, stacked on a new leading axis: none and tensor from the
+    whole operand, channel from the rows themselves (the slices along `axis`)."""
+    shape = list(rows.shape)
     shape[axis] = 1
-    return jnp.stack([jnp.broadcast_to(scale(x, fmt, sc, axis), shape) for sc in scalings])
+    pick = lambda sc: scale(rows if sc == "channel" else whole, fmt, sc, axis)
+    return jnp.stack([jnp.broadcast_to(pick(sc), shape) for sc in scalings])
 
 
 def _format_stats(
@@ -79,22 +83,11 @@ def _format_stats(
     scalings: tuple[str, ...],
 ) -> dict[str, jax.Array]:
     """The range losses and the error of C in format `fmt`, for all `scalings` at once."""
-    sa, sw = _stacked_scales(a, fmt, scalings, -1), _stacked_scales(w, fmt, scalings, -2)
-    a_under, a_over = jax.vmap(lambda s: range_loss(a, fmt, s))(sa)
-    w_under, w_over = jax.vmap(lambda s: range_loss(w, fmt, s))(sw)
-    # rows: tensor scales come from the whole operand, channel scales from the rows themselves
-    ones_a = jnp.ones((a_rows.shape[0], 1))
-    ones_w = jnp.ones((*w_rows.shape[:-2], 1, w_rows.shape[-1]))
-    sa_rows = jnp.stack(
-        [scale(a_rows, fmt, sc, -1) if sc == "channel" else sa[i].reshape(-1)[0] * ones_a
-         for i, sc in enumerate(scalings)]
-    )  # fmt: skip
-    sw_rows = jnp.stack(
-        [scale(w_rows, fmt, sc, -2) if sc == "channel" else sw[i].reshape(-1)[0] * ones_w
-         for i, sc in enumerate(scalings)]
-    )  # fmt: skip
+    sa, sw = _row_scales(a, a_rows, fmt, scalings, -1), _row_scales(w, w_rows, fmt, scalings, -2)
+    a_under, a_over = jax.vmap(lambda s: range_loss(a_rows, fmt, s))(sa)
+    w_under, w_over = jax.vmap(lambda s: range_loss(w_rows, fmt, s))(sw)
     quantized = lambda s_a, s_w: _rows_matmul(quantize(a_rows, fmt, s_a), quantize(w_rows, fmt, s_w))
-    errors = jax.vmap(lambda s_a, s_w: rel_error(quantized(s_a, s_w), exact))(sa_rows, sw_rows)
+    errors = jax.vmap(lambda s_a, s_w: rel_error(quantized(s_a, s_w), exact))(sa, sw)
     out = {}
     for i, sc in enumerate(scalings):
         name = f"{fmt}/{sc}"
@@ -115,14 +108,14 @@ def lowprec_stats(
     r_bits: tuple[int, ...],
     e_frac_bits: tuple[int, ...],
 ) -> dict[str, jax.Array]:
-    """Low-precision errors of one matmul.
+    """Low-precision errors of one matmul, measured on a subset of its rows.
 
-    a (g, n, k) and w (g, k, m) are the whole operands; the errors of C are measured on a subset of
-    rows: a_rows (r, k) with their w_rows ((k, m), or (r, k, m) when each row has its own group).
-    For each format F and scaling S (F/S/...): a_underflow, a_overflow, w_underflow, w_overflow over
-    the whole of A and W, and rel_err = ||Q(A) Q(W) - A W|| / ||A W|| (Frobenius). Channel scaling
-    scales A per row (token) and W per column (output channel). The scalings of one format are
-    computed together, stacked along a leading axis.
+    a (g, n, k) and w (g, k, m) are the whole operands, used only for the per-tensor scales; every
+    statistic is measured on the rows a_rows (r, k) with their w_rows ((k, m), or (r, k, m) when each
+    row has its own group). For each format F and scaling S (F/S/...): a_underflow, a_overflow of
+    a_rows, w_underflow, w_overflow of w_rows, and rel_err = ||Q(A) Q(W) - A W|| / ||A W|| (Frobenius,
+    over the rows). Channel scaling scales A per row (token) and W per column (output channel). The
+    scalings of one format are computed together, stacked along a leading axis.
     For each k in r_bits, with Q_k(R) = round(R L) / L, L = 2^(k-1) - 1 (k uniform bits on [-1, 1]):
     r{k}/rel_err rebuilds C as E_ij * Q_k(R_ij) (E exact: it is only the n + m norms), and for each f
     in e_frac_bits er/e{f}/r{k}/rel_err as log_quantize(E_ij, f) * Q_k(R_ij) (E in the log domain).

@@ -9,10 +9,14 @@ import re
 import jax
 import ml_collections
 
-from tdyn_jax.probes.lowprec import FORMATS, SCALINGS
 from tdyn_jax.probes.stats import summary
 
 GROUPS = ("exp_hist", "lin_hist", "sample", "outliers", "energy", "lowprec")
+# Statistics estimated on `probes.rows` sampled rows (tokens) of their tensor, the rows being stored
+# with them as the statistic "rows": every statistic of a matmul's /R and /lowprec parts, and these
+# outlier metrics of an activation site. Every other statistic covers the whole tensor.
+SAMPLED_PARTS = ("R", "lowprec")
+SAMPLED_STATS = ("max_median_ratio", "massive_ratio", "rows")
 _LAYER = re.compile(r"^(layers|layer_\d+)$")
 
 
@@ -22,46 +26,40 @@ def layer_free(path: tuple[str, ...] | str) -> str:
     return "/".join(p for p in parts if not _LAYER.match(p))
 
 
+def is_sampled(site: str, stat: str) -> bool:
+    """Whether statistic `stat` of `site` is estimated on sampled rows (see SAMPLED_PARTS)."""
+    return site.rsplit("/", 1)[-1] in SAMPLED_PARTS or stat in SAMPLED_STATS
+
+
 @dataclasses.dataclass(frozen=True)
 class ProbeSpec:
-    """Static, hashable settings of the probed step (see `configs/base.py`, section probes)."""
+    """Static, hashable settings of the probed step: the fields of `cfg.probes` that shape the
+    statistics (defaults and meaning in `configs/base.py`, section probes)."""
 
-    sites: tuple[str, ...] = ("*",)
-    groups: frozenset[str] = frozenset(GROUPS)
-    grads: bool = True
-    params: bool = True
-    exp_min: int = -48
-    exp_max: int = 16
-    lin_bins: int = 64
-    sample_size: int = 4096
-    topk: int = 4
-    quant_rows: int = 256
-    formats: tuple[str, ...] = tuple(FORMATS)
-    scalings: tuple[str, ...] = SCALINGS
-    r_bits: tuple[int, ...] = (4, 8)
-    e_frac_bits: tuple[int, ...] = (0, 3)
+    sites: tuple[str, ...]
+    stats: frozenset[str]
+    grads: bool
+    params: bool
+    exp_min: int
+    exp_max: int
+    lin_bins: int
+    sample_size: int
+    topk: int
+    rows: int
+    formats: tuple[str, ...]
+    scalings: tuple[str, ...]
+    r_bits: tuple[int, ...]
+    e_frac_bits: tuple[int, ...]
     dump_sites: tuple[str, ...] = ()  # set only in the step variant that runs on probes.dump_steps
     taps_only: bool = False  # only create the grad taps (the pass that learns their shapes)
 
     @classmethod
     def from_config(cls, probes: ml_collections.ConfigDict) -> ProbeSpec:
         """The spec of `cfg.probes` (without dumps; see `with_dumps`)."""
-        return cls(
-            sites=tuple(probes.sites),
-            groups=frozenset(probes.stats),
-            grads=probes.grads,
-            params=probes.params,
-            exp_min=probes.exp_min,
-            exp_max=probes.exp_max,
-            lin_bins=probes.lin_bins,
-            sample_size=probes.sample_size,
-            topk=probes.topk,
-            quant_rows=probes.quant_rows,
-            formats=tuple(probes.formats),
-            scalings=tuple(probes.scalings),
-            r_bits=tuple(probes.r_bits),
-            e_frac_bits=tuple(probes.e_frac_bits),
-        )
+        fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("dump_sites", "taps_only")]
+        values = {name: probes[name] for name in fields}
+        values = {k: tuple(v) if isinstance(v, tuple | list) else v for k, v in values.items()}
+        return cls(**values | {"stats": frozenset(values["stats"])})
 
     def with_dumps(self, dump_sites: tuple[str, ...]) -> ProbeSpec:
         """The same spec that also returns the full tensors of the sites matching `dump_sites`."""
@@ -92,7 +90,7 @@ class ProbeSpec:
         return summary(
             x,
             key,
-            groups=self.groups if only is None else self.groups & only,
+            groups=self.stats if only is None else self.stats & only,
             exp_range=(self.exp_min, self.exp_max),
             lin_bins=self.lin_bins,
             sample_size=self.sample_size,

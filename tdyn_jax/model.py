@@ -65,7 +65,8 @@ def probe_scores(module: nn.Module, q: jax.Array, k: jax.Array, s: jax.Array) ->
     b, t, h, d = q.shape
     a = q.transpose(0, 2, 1, 3).reshape(b * h, t, d)
     w = k.transpose(0, 2, 3, 1).reshape(b * h, d, t)
-    return capture.matmul(module, a, w, s.reshape(b * h, t, t), name="scores").reshape(s.shape)
+    scores = capture.matmul(module, a, w, s.reshape(b * h, t, t), name="scores", with_input=True)
+    return scores.reshape(s.shape)
 
 
 def rope(x: jax.Array, base: float) -> jax.Array:

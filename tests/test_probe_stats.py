@@ -70,6 +70,23 @@ def ref_outliers(x, topk, rows=None):
     }
 
 
+def ref_linear_bins(x, edges):
+    """The bin of each x under the rule of `stats.linear_bin` on [edges[0], edges[-1]], in numpy float32
+    arithmetic (-1 outside the range or non-finite)."""
+    x, lo, hi = np.asarray(x, np.float32), np.float32(edges[0]), np.float32(edges[-1])
+    bins = len(edges) - 1
+    scale = np.float32(bins) / (hi - lo)
+    with np.errstate(invalid="ignore"):
+        idx = np.clip(np.floor((x - lo) * scale), 0, bins - 1)
+        return np.where((x >= lo) & (x <= hi), idx, -1).astype(np.int64)
+
+
+def ref_linear_counts(x, edges):
+    """Counts of `stats.linear_histogram` with these (stored) edges."""
+    idx = ref_linear_bins(np.asarray(x).reshape(-1), edges)
+    return np.bincount(idx[idx >= 0], minlength=len(edges) - 1)
+
+
 def ref_energy_matrix(u, v):
     """E_gij = u_gi v_gj, materialised in float64."""
     u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
@@ -308,13 +325,13 @@ def test_linear_histogram_default_range():
     finite = x[np.isfinite(x)]
     assert counts.shape == (LIN_BINS,) and edges.shape == (LIN_BINS + 1,)
     assert edges[0] == finite.min() and edges[-1] == finite.max()
-    np.testing.assert_array_equal(counts, np.histogram(finite, bins=edges)[0])
+    np.testing.assert_array_equal(counts, ref_linear_counts(finite, edges))
     assert counts.sum() == finite.size
 
 
 def test_linear_histogram_values_on_edges():
-    """Values on the stored edges go to the bin they start (the max to the last bin), their float32
-    neighbours just below to the bin before."""
+    """Values on the stored edges and their float32 neighbours go to the bins of the float32 rule, which
+    are the nominal bins up to one float32 spacing (the max to the last bin)."""
     x = lin_data(4)
     _, edges = to_np(linear_histogram(x, LIN_BINS))
     inner = edges[1:-1]
@@ -324,7 +341,12 @@ def test_linear_histogram_values_on_edges():
     counts, edges2 = to_np(linear_histogram(x, LIN_BINS))
     finite = x[np.isfinite(x)]
     assert edges2[0] == finite.min() and edges2[-1] == finite.max()
-    np.testing.assert_array_equal(counts, np.histogram(finite, bins=edges2)[0])
+    np.testing.assert_array_equal(counts, ref_linear_counts(finite, edges2))
+    # each planted value lies in its bin's nominal interval up to one float32 spacing at either end
+    k = ref_linear_bins(planted, edges2)
+    assert (k >= 0).all()
+    assert (np.nextafter(planted, np.inf) >= edges2[k]).all()
+    assert (planted <= np.nextafter(edges2[k + 1], np.inf)).all()
 
 
 def test_linear_histogram_explicit_range():
@@ -334,7 +356,7 @@ def test_linear_histogram_explicit_range():
     counts, edges = to_np(linear_histogram(x, LIN_BINS, -1.0, 1.0))
     assert edges[0] == -1.0 and edges[-1] == 1.0
     finite = x[np.isfinite(x)]
-    np.testing.assert_array_equal(counts, np.histogram(finite, bins=edges)[0])
+    np.testing.assert_array_equal(counts, ref_linear_counts(finite, edges))
     inside = np.sum((finite >= -1) & (finite <= 1))
     assert counts.sum() == inside < finite.size  # values outside [-1, 1] are not counted
 
@@ -346,7 +368,7 @@ def test_linear_histogram_constant_tensor(value):
     assert counts.sum() == N_LIN and np.count_nonzero(counts) == 1
     width = np.float32(max(abs(value), 2.0**-100) * 2.0**-10)  # the documented widening of a zero range
     assert edges[0] == value and edges[-1] == np.float32(value) + width
-    np.testing.assert_array_equal(counts, np.histogram(x, bins=edges)[0])
+    np.testing.assert_array_equal(counts, ref_linear_counts(x, edges))
 
 
 @pytest.mark.parametrize("scale", [1e-11, 0.0])
@@ -356,7 +378,7 @@ def test_linear_histogram_of_tiny_values_keeps_their_range(scale):
     assert edges[0] == x.min() and np.isfinite(edges).all() and (np.diff(edges) > 0).all()
     if scale:  # a real range is kept as it is
         assert edges[-1] == np.float32(x.max()) and np.count_nonzero(counts) > LIN_BINS // 4
-    np.testing.assert_array_equal(counts, np.histogram(x, bins=edges)[0])
+    np.testing.assert_array_equal(counts, ref_linear_counts(x, edges))
 
 
 def sub_ulp_data(case):
@@ -368,12 +390,12 @@ def sub_ulp_data(case):
 
 @pytest.mark.parametrize("case", ["near_one", "constant_1e8"])
 def test_linear_histogram_sub_ulp_range(case):
-    """Counts must still follow the stored edges (edges[k] <= x < edges[k+1]), as numpy does."""
+    """Counts follow the float32 rule on the stored range even when a bin is thinner than an ulp."""
     x = sub_ulp_data(case)
     counts, edges = to_np(linear_histogram(x, LIN_BINS))
     assert counts.sum() == N_LIN
     assert edges[0] == x.min()
-    np.testing.assert_array_equal(counts, np.histogram(x, bins=edges)[0])
+    np.testing.assert_array_equal(counts, ref_linear_counts(x, edges))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -400,22 +422,32 @@ def test_uniform_sample_small_tensor_padded():
     assert np.all(np.isnan(s[37:]))
 
 
-def test_counts_split_into_int32_pieces_are_exact():
-    """Counts go through int32 sums of pieces of at most `limit` elements: with a small limit the same
-    code path as a tensor of more than 2^31 elements, checked exactly."""
-    rng = np.random.default_rng(21)
-    mask = rng.random((6, 35)) < 0.3
-    idx = rng.integers(-2, 9, (6, 35))
-    for limit in (7, 10, 35, 1000):  # 210 elements in 30, 21, 6 or 1 pieces
-        assert stats.pieces(jax.numpy.asarray(mask), limit).shape[1] <= limit
-        assert float(stats.count(mask, limit)) == mask.sum()
-        want = [np.sum(idx == v) for v in range(7)]  # values outside 0..6 are dropped
-        np.testing.assert_array_equal(stats.bincount(idx, 7, limit), want)
+@pytest.mark.parametrize("chunk", [96, 250, 1000])
+def test_chunked_passes_equal_one_pass(chunk):
+    """A tensor larger than `chunk` is read in column chunks (the last one overlapping the one before
+    when the width does not divide the columns): every statistic equals its one-pass value, the
+    counts exactly, and the float64 references."""
+    x = heavy_tailed_data()[:1700].reshape(17, 100)  # with zeros, nan and inf
+    assert stats.chunking(17, 100, chunk)[1] > 1
+    settings = dict(groups=frozenset({"exp_hist", "lin_hist", "sample"}), exp_range=(EXP_MIN, EXP_MAX))
+    settings |= dict(lin_bins=LIN_BINS, sample_size=SAMPLE)
+    one = to_np(jax.jit(functools.partial(stats.summary, **settings))(x, jax.random.key(0)))
+    chunked = to_np(jax.jit(functools.partial(stats.summary, **settings, chunk=chunk))(x, jax.random.key(0)))
+    for key in ("count", "nonfinite", "frac_zero", "min", "max", "absmax", "min_nonzero"):
+        assert chunked[key] == one[key], key
+    for key in ("exp_hist", "lin_hist", "lin_edges", "sample"):
+        np.testing.assert_array_equal(chunked[key], one[key], err_msg=key)
+    ref = ref_moments(x)
+    for key in ("mean", "std", "rms", "skewness", "kurtosis"):
+        np.testing.assert_allclose(chunked[key], ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    np.testing.assert_array_equal(chunked["exp_hist"], ref_exp_histogram(x, EXP_MIN, EXP_MAX))
+    np.testing.assert_array_equal(chunked["lin_hist"], ref_linear_counts(x[np.isfinite(x)], one["lin_edges"]))
+    assert chunked["nonfinite"] == ref["nonfinite"] and chunked["count"] == x.size
 
 
 def test_summary_of_a_tensor_beyond_int32_traces():
     """A (512, 16, 1024, 1024) score tensor (2^33 elements) traces without an int32 overflow (shapes
-    only: nothing of that size is allocated); its counts go through 8 pieces of 2^30 elements."""
+    only: nothing of that size is allocated): it is read in chunks of at most 2^31 elements."""
     x = jax.ShapeDtypeStruct((512, 16, 1024, 1024), np.float32)
     summarize = functools.partial(
         stats.summary, groups=frozenset({"exp_hist", "lin_hist", "sample"}), exp_range=(EXP_MIN, EXP_MAX),
@@ -423,7 +455,8 @@ def test_summary_of_a_tensor_beyond_int32_traces():
     )  # fmt: skip
     shapes = jax.eval_shape(summarize, x, jax.random.key(0))
     assert shapes["exp_hist"].shape == (stats.exp_hist_bins(EXP_MIN, EXP_MAX),)
-    assert jax.eval_shape(stats.pieces, x).shape == (8, 2**30)  # the smallest p with <= 2^31 - 1 each
+    width, count = stats.chunking(512 * 16 * 1024, 1024)
+    assert width * 512 * 16 * 1024 < 2**31 and width * count >= 1024
 
 
 # ----------------------------------------------------------------------------------------------------

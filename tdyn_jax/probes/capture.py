@@ -122,15 +122,25 @@ def log_partition(module: nn.Module, name: str, logits: jax.Array) -> None:
     _sow(module, name, stats)
 
 
-def matmul(module: nn.Module, a: jax.Array, w: jax.Array, c: jax.Array, name: str | None = None) -> jax.Array:
+def matmul(
+    module: nn.Module,
+    a: jax.Array,
+    w: jax.Array,
+    c: jax.Array,
+    name: str | None = None,
+    with_input: bool = False,
+) -> jax.Array:
     """Statistics of one matmul in grouped form a (g, n, k) @ w (g, k, m) = c (g, n, m), sown as
-    <site>/in, /out, /a_norm, /w_norm, /E (exact moments from the norms), /R (R on [-1, 1] and the
-    log-variance split) and /lowprec. /R and /lowprec are computed on `probes.rows` rows of C sampled
-    uniformly (stored with them as "rows", indices into the g * n rows), so their cost does not grow
-    with the tokens; the others cover the whole tensors. Returns c, gradient-tapped (<site>/out/grad)
-    when the spec asks for gradients. The site is the module path (+ `name`). Outlier metrics are left
-    to the activation sites: the input of every weight matmul is one of them (a norm output, the MLP
-    hidden activation or the attention output)."""
+    <site>/out, /a_norm, /w_norm, /E (exact moments from the norms), /R (R on [-1, 1] and the
+    log-variance split), /lowprec, and /in when `with_input` (a weight matmul's input is an activation
+    site of its own: a norm output, attn/mix, mlp/hidden or the residual stream).
+
+    /R and /lowprec are computed on `probes.rows` rows of C sampled uniformly (stored with them as
+    "rows", indices into the g * n rows), so their cost does not grow with the tokens; the others
+    cover the whole tensors. Returns c, gradient-tapped (<site>/out/grad) when the spec asks for
+    gradients. The site is the module path (+ `name`). Outlier metrics are left to the activation
+    sites.
+    """
     spec: ProbeSpec | None = module.probe
     site = _site(module, name)
     if spec is None or not spec.wants(site):
@@ -142,7 +152,8 @@ def matmul(module: nn.Module, a: jax.Array, w: jax.Array, c: jax.Array, name: st
     keys = jax.random.split(module.make_rng("probe"), 6)
     (g, n, k), m = a.shape, w.shape[-1]
     dense = g == 1
-    parts = {"in": spec.summary(a, keys[0]), "out": spec.summary(c32, keys[1])}
+    parts = {"in": spec.summary(a, keys[0])} if with_input else {}
+    parts["out"] = spec.summary(c32, keys[1])
     rows, stored = sample_rows(keys[5], g * n, spec.rows)
     a_rows, w_rows = a.reshape(g * n, k)[rows], w[0] if dense else w[rows // n]
     if "energy" in spec.stats:

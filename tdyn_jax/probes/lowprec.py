@@ -84,10 +84,13 @@ def _format_stats(
 ) -> dict[str, jax.Array]:
     """The range losses and the error of C in format `fmt`, for all `scalings` at once."""
     sa, sw = _row_scales(a, a_rows, fmt, scalings, -1), _row_scales(w, w_rows, fmt, scalings, -2)
-    a_under, a_over = jax.vmap(lambda s: range_loss(a_rows, fmt, s))(sa)
-    w_under, w_over = jax.vmap(lambda s: range_loss(w_rows, fmt, s))(sw)
-    quantized = lambda s_a, s_w: _rows_matmul(quantize(a_rows, fmt, s_a), quantize(w_rows, fmt, s_w))
-    errors = jax.vmap(lambda s_a, s_w: rel_error(quantized(s_a, s_w), exact))(sa, sw)
+
+    def one_scaling(scales: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
+        s_a, s_w = scales
+        quantized = _rows_matmul(quantize(a_rows, fmt, s_a), quantize(w_rows, fmt, s_w))
+        return *range_loss(a_rows, fmt, s_a), *range_loss(w_rows, fmt, s_w), rel_error(quantized, exact)
+
+    a_under, a_over, w_under, w_over, errors = jax.lax.map(one_scaling, (sa, sw))
     out = {}
     for i, sc in enumerate(scalings):
         name = f"{fmt}/{sc}"
@@ -115,7 +118,7 @@ def lowprec_stats(
     row has its own group). For each format F and scaling S (F/S/...): a_underflow, a_overflow of
     a_rows, w_underflow, w_overflow of w_rows, and rel_err = ||Q(A) Q(W) - A W|| / ||A W|| (Frobenius,
     over the rows). Channel scaling scales A per row (token) and W per column (output channel). The
-    scalings of one format are computed together, stacked along a leading axis.
+    scalings of one format run one after the other in a loop, so one quantized copy is alive at a time.
     For each k in r_bits, with Q_k(R) = round(R L) / L, L = 2^(k-1) - 1 (k uniform bits on [-1, 1]):
     r{k}/rel_err rebuilds C as E_ij * Q_k(R_ij) (E exact: it is only the n + m norms), and for each f
     in e_frac_bits er/e{f}/r{k}/rel_err as log_quantize(E_ij, f) * Q_k(R_ij) (E in the log domain).

@@ -3,77 +3,134 @@
 Every function here is pure `jax.numpy`, traceable inside a jitted step, and returns arrays whose
 shapes depend only on the settings, never on the data. Non-finite values (nan, +-inf) are counted in
 `nonfinite` and left out of every other statistic.
+
+A tensor is read as a matrix (rows, last axis). One of more than `CHUNK` elements is read in chunks
+of columns, in a loop: each pass keeps its temporaries to one chunk, so the statistics of a tokens x
+vocabulary tensor need no copy of it, and a chunk (at most 2^31 elements) is counted exactly in int32.
+Slicing columns keeps the rows (the tokens) split over devices as they are.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-INT32_LIMIT = 2**31 - 1
+CHUNK = 2**22  # elements per chunk of a large tensor's pass (16 MiB of float32)
+Sums = dict[str, jax.Array]
+_MIN, _MAX = ("min", "min_nonzero"), ("max",)  # the partial results not combined by addition
 
 
-def pieces(x: jax.Array, limit: int = INT32_LIMIT) -> jax.Array:
-    """x flattened and reshaped to (p, size / p), with p the smallest divisor of its size that leaves
-    at most `limit` elements per piece: an int32 count over one piece cannot overflow."""
-    size = x.size
-    p = next(p for p in range(-(-size // limit), size + 1) if size % p == 0) if size > limit else 1
-    return x.reshape(p, size // p)
+def as_matrix(x: jax.Array) -> jax.Array:
+    """x as float32 (rows, last axis); a scalar or vector is one row."""
+    x = x.astype(jnp.float32)
+    return x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
 
 
-def count(mask: jax.Array, limit: int = INT32_LIMIT) -> jax.Array:
-    """The number of True entries of `mask` as float32: exact int32 counts per piece of at most `limit`
-    elements, added in float32 (exact below 2^24, correctly rounded above)."""
-    per_piece = jnp.sum(pieces(mask, limit), axis=1, dtype=jnp.int32)
-    return jnp.sum(per_piece.astype(jnp.float32))
+def chunking(rows: int, cols: int, chunk: int = CHUNK) -> tuple[int, int]:
+    """(width, count): the columns per chunk and the number of chunks of a (rows, cols) matrix."""
+    if rows * cols <= chunk:
+        return cols, 1
+    width = min(cols, max(1, chunk // rows))
+    return width, -(-cols // width)
 
 
-def bincount(idx: jax.Array, length: int, limit: int = INT32_LIMIT) -> jax.Array:
-    """Counts of the values 0 .. length-1 in the integer array `idx` (others are dropped), as float32:
-    one scatter of int32 counts per piece of at most `limit` elements, added in float32."""
-    idx = jnp.where((idx >= 0) & (idx < length), idx, length)  # out of range (negative too): dropped
-    counts = jax.vmap(lambda i: jnp.zeros((length,), jnp.int32).at[i].add(1, mode="drop"))(pieces(idx, limit))
-    return jnp.sum(counts.astype(jnp.float32), axis=0)
+def over_chunks(m: jax.Array, part: Callable[[jax.Array, jax.Array], Sums], chunk: int = CHUNK) -> Sums:
+    """`part(columns, fresh)` over the column chunks of m, combined: min, max and min_nonzero by min
+    and max, everything else by addition. `fresh` (1, width) marks the columns no earlier chunk held
+    (the last chunk is shifted left to fit and overlaps the one before)."""
+    rows, cols = m.shape
+    width, count = chunking(rows, cols, chunk)
+    if count == 1:
+        return part(m, jnp.ones((1, cols), bool))
+
+    def combine(acc: Sums, new: Sums) -> Sums:
+        pick = lambda k: jnp.minimum if k in _MIN else jnp.maximum if k in _MAX else jnp.add
+        return {k: pick(k)(acc[k], new[k]) for k in acc}
+
+    def body(i: jax.Array, acc: Sums) -> Sums:
+        start = jnp.minimum(i * width, cols - width)
+        columns = jax.lax.dynamic_slice_in_dim(m, start, width, axis=1)
+        fresh = (start + jnp.arange(width) >= i * width)[None, :]
+        return combine(acc, part(columns, fresh))
+
+    first = part(m[:, :width], jnp.ones((1, width), bool))
+    return jax.lax.fori_loop(1, count, body, first)
 
 
-def moments(x: jax.Array) -> dict[str, jax.Array]:
-    """Moments and extremes of all elements of `x` (finite values only).
+def count(mask: jax.Array) -> jax.Array:
+    """The number of True entries of `mask` (at most 2^31 - 1), exact in int32, as float32."""
+    return jnp.sum(mask, dtype=jnp.int32).astype(jnp.float32)
 
-    With n finite values and d = x - mean:
-      mean = sum(x) / n;  std = sqrt(m2);  skewness = m3 / m2^1.5;  kurtosis = m4 / m2^2 - 3 (excess,
-      0 for a Gaussian, 1.2 for a logistic), where m_k = sum(d^k) / n (population moments, the
-      `scipy.stats` defaults);  rms = sqrt(sum(x^2) / n);  absmax = max |x|;  min;  max;
-      min_nonzero = smallest nonzero |x| (nan if there is none);  frac_zero = #(x == 0) / count;
-      count = number of elements;  nonfinite = #(x is nan or inf). Counts hold beyond 2^31 elements
-      (see `count`).
-    """
-    x = x.astype(jnp.float32).reshape(-1)
-    finite = jnp.isfinite(x)
-    xf = jnp.where(finite, x, 0.0)
-    absx = jnp.abs(xf)
-    n = count(finite)
-    mean = jnp.sum(xf) / n
-    d = jnp.where(finite, x - mean, 0.0)
-    d2 = d * d
-    m2, m3, m4 = jnp.sum(d2) / n, jnp.sum(d2 * d) / n, jnp.sum(d2 * d2) / n
-    low, high = jnp.min(jnp.where(finite, x, jnp.inf)), jnp.max(jnp.where(finite, x, -jnp.inf))
-    min_nonzero = jnp.min(jnp.where(absx > 0, absx, jnp.inf))
-    size = jnp.float32(x.size)
+
+def bincount(idx: jax.Array, length: int) -> jax.Array:
+    """Counts of the values 0 .. length-1 in the integer array `idx` (at most 2^31 - 1 elements; other
+    values are dropped), exact in int32, as float32."""
+    idx = jnp.where((idx >= 0) & (idx < length), idx, length)
+    return jnp.zeros((length,), jnp.int32).at[idx.reshape(-1)].add(1, mode="drop").astype(jnp.float32)
+
+
+def _first_pass(x: jax.Array, fresh: jax.Array) -> Sums:
+    """Sums and extremes of a chunk's finite values (the columns marked fresh)."""
+    finite = jnp.isfinite(x) & fresh
+    absx = jnp.where(finite, jnp.abs(x), 0.0)
     return {
-        "count": size,
+        "sum": jnp.sum(jnp.where(finite, x, 0.0)),
+        "n": count(finite),
+        "min": jnp.min(jnp.where(finite, x, jnp.inf)),
+        "max": jnp.max(jnp.where(finite, x, -jnp.inf)),
+        "min_nonzero": jnp.min(jnp.where(absx > 0, absx, jnp.inf)),
+        "zeros": count((x == 0) & fresh),
+    }
+
+
+def _central_sums(x: jax.Array, fresh: jax.Array, mean: jax.Array) -> Sums:
+    """sum(d^k), k = 2, 3, 4, with d = x - mean over a chunk's finite values."""
+    d = jnp.where(jnp.isfinite(x) & fresh, x - mean, 0.0)
+    d2 = d * d
+    return {"d2": jnp.sum(d2), "d3": jnp.sum(d2 * d), "d4": jnp.sum(d2 * d2)}
+
+
+def _moments(first: Sums, central: Sums, size: int) -> dict[str, jax.Array]:
+    """The statistics of `moments` from the two passes' sums."""
+    n = first["n"]
+    mean = first["sum"] / n
+    m2, m3, m4 = (central[k] / n for k in ("d2", "d3", "d4"))
+    low, high, min_nonzero = first["min"], first["max"], first["min_nonzero"]
+    return {
+        "count": jnp.float32(size),
         "mean": mean,
         "std": jnp.sqrt(m2),
         "skewness": m3 / m2**1.5,
         "kurtosis": m4 / (m2 * m2) - 3.0,
-        "rms": jnp.sqrt(jnp.sum(xf * xf) / n),
+        "rms": jnp.sqrt(m2 + mean * mean),
         "absmax": jnp.maximum(jnp.abs(low), jnp.abs(high)),
         "min": low,
         "max": high,
         "min_nonzero": jnp.where(jnp.isinf(min_nonzero), jnp.nan, min_nonzero),
-        "frac_zero": count(x == 0) / size,
-        "nonfinite": size - n,
+        "frac_zero": first["zeros"] / jnp.float32(size),
+        "nonfinite": jnp.float32(size) - n,
     }
+
+
+def moments(x: jax.Array, chunk: int = CHUNK) -> dict[str, jax.Array]:
+    """Moments and extremes of all elements of `x` (finite values only), in two passes.
+
+    With n finite values and d = x - mean:
+      mean = sum(x) / n;  std = sqrt(m2);  skewness = m3 / m2^1.5;  kurtosis = m4 / m2^2 - 3 (excess,
+      0 for a Gaussian, 1.2 for a logistic), where m_k = sum(d^k) / n (population moments, the
+      `scipy.stats` defaults);  rms = sqrt(m2 + mean^2);  absmax = max |x|;  min;  max;
+      min_nonzero = smallest nonzero |x| (nan if there is none);  frac_zero = #(x == 0) / count;
+      count = number of elements;  nonfinite = #(x is nan or inf). Counts are exact int32 per chunk,
+      added in float32 (exact below 2^24, correctly rounded above).
+    """
+    m = as_matrix(x)
+    first = over_chunks(m, _first_pass, chunk)
+    mean = first["sum"] / first["n"]
+    central = over_chunks(m, lambda c, f: _central_sums(c, f, mean), chunk)
+    return _moments(first, central, m.size)
 
 
 def exp_hist_bins(exp_min: int, exp_max: int) -> int:
@@ -93,76 +150,102 @@ def exp_bin(x: jax.Array, exp_min: int, exp_max: int) -> jax.Array:
     """The `exp_histogram` bin of each element of x (float32, flat); `exp_hist_bins` for non-finite x.
 
     A finite nonzero x falls in the bin of its sign and of e = clip(floor(log2 |x|), exp_min-1,
-    exp_max); x == 0 in the middle bin.
+    exp_max); x == 0 in the middle bin. e is read from the exponent bits (subnormals, whose exponent
+    bits are 0, go to the lowest bin) unless exp_min reaches into the subnormal range.
     """
     per_sign = exp_max - exp_min + 2
-    e = jnp.clip(jnp.frexp(x)[1] - 1, exp_min - 1, exp_max) - (exp_min - 1)  # 0 .. per_sign-1
+    biased = (jax.lax.bitcast_convert_type(x, jnp.int32) >> 23) & 0xFF
+    e = jnp.frexp(x)[1] - 1 if exp_min - 1 < -126 else biased - 127
+    e = jnp.clip(e, exp_min - 1, exp_max) - (exp_min - 1)  # 0 .. per_sign-1
     idx = jnp.where(x > 0, per_sign + 1 + e, per_sign - 1 - e)
     idx = jnp.where(x == 0, per_sign, idx)
-    return jnp.where(jnp.isfinite(x), idx, exp_hist_bins(exp_min, exp_max))
+    return jnp.where(biased == 0xFF, exp_hist_bins(exp_min, exp_max), idx)  # nan and inf: dropped
 
 
-def exp_histogram(x: jax.Array, exp_min: int, exp_max: int) -> jax.Array:
+def exp_histogram(x: jax.Array, exp_min: int, exp_max: int, chunk: int = CHUNK) -> jax.Array:
     """Signed log2 histogram with edges fixed for the whole run (see `exp_hist_labels` and `exp_bin`);
-    non-finite values are not counted. Counts are exact (see `bincount`) as float32."""
-    x = x.astype(jnp.float32).reshape(-1)
-    return bincount(exp_bin(x, exp_min, exp_max), exp_hist_bins(exp_min, exp_max))
+    non-finite values are not counted. Counts are exact (see `moments`) as float32."""
+    return _histograms(as_matrix(x), (exp_min, exp_max), None, chunk)["exp_hist"]
 
 
-def linear_edges(
-    x: jax.Array, bins: int, lo: jax.Array | float | None = None, hi: jax.Array | float | None = None
-) -> jax.Array:
-    """The `bins` + 1 edges of `linear_histogram` on [lo, hi] (default: the finite min and max of x).
+def linear_range(lo: jax.Array | float, hi: jax.Array | float) -> tuple[jax.Array, jax.Array]:
+    """The range [lo, hi] of `linear_histogram`: [0, 1] where lo or hi is not finite (no finite value).
 
     A range narrower than max(|lo|, |hi|, 2^-100) * 2^-10 (a constant or nearly constant tensor) is
-    widened to that width above lo, so that the edges are distinct float32 numbers; the width is
+    widened to that width above lo, so that the bins are distinct float32 intervals; the width is
     relative, so a tensor of tiny values (Adam's second moment, say) keeps a histogram of its own range.
     """
-    finite = jnp.isfinite(x)
-    lo = jnp.min(jnp.where(finite, x, jnp.inf)) if lo is None else jnp.float32(lo)
-    hi = jnp.max(jnp.where(finite, x, -jnp.inf)) if hi is None else jnp.float32(hi)
-    lo, hi = jnp.where(finite.any(), lo, 0.0), jnp.where(finite.any(), hi, 1.0)
+    lo, hi = jnp.float32(lo), jnp.float32(hi)
+    lo, hi = jnp.where(jnp.isfinite(lo), lo, 0.0), jnp.where(jnp.isfinite(hi), hi, 1.0)
     min_width = jnp.maximum(jnp.maximum(jnp.abs(lo), jnp.abs(hi)), 2.0**-100) * 2.0**-10
-    hi = jnp.where(hi - lo >= min_width, hi, lo + min_width)
-    return jnp.linspace(lo, hi, bins + 1, dtype=jnp.float32)
+    return lo, jnp.where(hi - lo >= min_width, hi, lo + min_width)
 
 
-def linear_bin(x: jax.Array, edges: jax.Array) -> jax.Array:
-    """The bin of each element of x (float32, flat) among `edges`, by the rule of
-    `numpy.histogram(x, bins=edges)`: bin k holds edges[k] <= x < edges[k+1], the last bin also
-    x == edges[-1]; len(edges) - 1 (one past the last bin) for x outside [lo, hi] or non-finite."""
-    bins = edges.shape[0] - 1
-    lo, hi = edges[0], edges[-1]
-    idx = jnp.clip(jnp.floor((x - lo) * (bins / (hi - lo))), 0, bins - 1).astype(jnp.int32)
-    # exact against the stored edges, as numpy does: move one bin down or up where rounding missed
-    idx = jnp.where(x < edges[idx], idx - 1, idx)
-    idx = jnp.where((x >= edges[idx + 1]) & (idx < bins - 1), idx + 1, idx)
-    inside = jnp.isfinite(x) & (x >= lo) & (x <= hi)
-    return jnp.where(inside, idx, bins)
+def linear_bin(x: jax.Array, lo: jax.Array, hi: jax.Array, bins: int) -> jax.Array:
+    """The bin of each element of x (float32, flat) among `bins` equal bins on [lo, hi]: x in [lo, hi]
+    goes to min(floor((x - lo) * s), bins - 1) with s = bins / (hi - lo), computed in float32 (each
+    operation rounded, as numpy's float32 arithmetic does); `bins` (dropped) for x outside [lo, hi]
+    or non-finite. The bins are intervals that begin at the nominal edges lo + k (hi - lo) / bins up to
+    float32 rounding, and one index per element needs no look-up of the edges."""
+    scale = jnp.float32(bins) / (hi - lo)
+    idx = jnp.clip(jnp.floor((x - lo) * scale), 0, bins - 1).astype(jnp.int32)
+    return jnp.where((x >= lo) & (x <= hi), idx, bins)  # false for nan
 
 
 def linear_histogram(
-    x: jax.Array, bins: int, lo: jax.Array | float | None = None, hi: jax.Array | float | None = None
+    x: jax.Array,
+    bins: int,
+    lo: jax.Array | float | None = None,
+    hi: jax.Array | float | None = None,
+    chunk: int = CHUNK,
 ) -> tuple[jax.Array, jax.Array]:
-    """(counts, edges): `bins` equal bins on [lo, hi] (see `linear_edges` and `linear_bin`); values
-    outside [lo, hi] and non-finite values are not counted."""
-    x = x.astype(jnp.float32).reshape(-1)
-    edges = linear_edges(x, bins, lo, hi)
-    return bincount(linear_bin(x, edges), bins), edges
+    """(counts, edges): `bins` equal bins on [lo, hi] (default: the finite min and max of x; see
+    `linear_range` and `linear_bin`) and their nominal edges; values outside [lo, hi] and non-finite
+    values are not counted."""
+    m = as_matrix(x)
+    if lo is None or hi is None:
+        first = over_chunks(m, _first_pass, chunk)
+        lo, hi = first["min"] if lo is None else lo, first["max"] if hi is None else hi
+    lo, hi = linear_range(lo, hi)
+    counts = _histograms(m, None, (lo, hi, bins), chunk)["lin_hist"]
+    return counts, jnp.linspace(lo, hi, bins + 1, dtype=jnp.float32)
+
+
+Linear = tuple[jax.Array, jax.Array, int]  # lo, hi, bins
+
+
+def _hist_part(x: jax.Array, fresh: jax.Array, exp_range: tuple[int, int] | None, lin: Linear | None) -> Sums:
+    """The histogram counts of one chunk. With both histograms: one index per element, exp_bin *
+    (bins + 1) + lin_bin, and one scatter into the joint counts, whose margins they are."""
+    keep = lambda idx, length: jnp.where(fresh, idx, length)  # columns held by an earlier chunk
+    if exp_range is None:
+        return {"lin_hist": bincount(keep(linear_bin(x, *lin), lin[2]), lin[2])}
+    exp_bins = exp_hist_bins(*exp_range)
+    idx = exp_bin(x, *exp_range)
+    if lin is None:
+        return {"exp_hist": bincount(keep(idx, exp_bins), exp_bins)}
+    bins = lin[2]
+    joint = bincount(keep(idx * (bins + 1) + linear_bin(x, *lin), -1), (exp_bins + 1) * (bins + 1))
+    joint = joint.reshape(exp_bins + 1, bins + 1)
+    return {"exp_hist": jnp.sum(joint[:exp_bins], axis=1), "lin_hist": jnp.sum(joint[:, :bins], axis=0)}
+
+
+def _histograms(m: jax.Array, exp_range: tuple[int, int] | None, lin: Linear | None, chunk: int) -> Sums:
+    return over_chunks(m, lambda c, f: _hist_part(c, f, exp_range, lin), chunk)
 
 
 def uniform_sample(x: jax.Array, key: jax.Array, size: int) -> jax.Array:
-    """`size` raw values of x drawn uniformly with replacement; when x has at most `size` elements,
-    all of them in order, padded with nan."""
-    x = x.astype(jnp.float32).reshape(-1)
-    if x.size <= size:
-        return jnp.concatenate([x, jnp.full((size - x.size,), jnp.nan, jnp.float32)])
-    parts = pieces(x)  # int32 indices: a piece of the tensor, then an element of that piece
-    if parts.shape[0] == 1:
-        return x[jax.random.randint(key, (size,), 0, x.size)]
-    which, where = jax.random.split(key)
-    rows = jax.random.randint(which, (size,), 0, parts.shape[0])
-    return parts[rows, jax.random.randint(where, (size,), 0, parts.shape[1])]
+    """`size` raw values of x drawn uniformly with replacement (a row, then a column of its matrix, so
+    no index exceeds int32); when x has at most `size` elements, all of them in order, padded with
+    nan."""
+    m = as_matrix(x)
+    if m.size <= size:
+        return jnp.concatenate([m.reshape(-1), jnp.full((size - m.size,), jnp.nan, jnp.float32)])
+    if m.shape[0] == 1:
+        return m[0, jax.random.randint(key, (size,), 0, m.shape[1])]
+    row_key, col_key = jax.random.split(key)
+    rows = jax.random.randint(row_key, (size,), 0, m.shape[0])
+    return m[rows, jax.random.randint(col_key, (size,), 0, m.shape[1])]
 
 
 def summary(
@@ -174,30 +257,29 @@ def summary(
     lin_bins: int,
     sample_size: int,
     lin_range: tuple[float, float] | None = None,
+    chunk: int = CHUNK,
 ) -> dict[str, jax.Array]:
-    """`moments(x)` plus the groups asked for: exp_hist, lin_hist (+ lin_edges), sample.
-
-    Both histograms come from one integer index per element, exp_bin * (lin_bins + 1) + lin_bin, and
-    one scatter into their joint counts, whose margins they are.
-    """
-    out = moments(x)
-    flat = x.astype(jnp.float32).reshape(-1)
-    exp_bins = exp_hist_bins(*exp_range)
+    """`moments(x)` plus the groups asked for: exp_hist, lin_hist (+ lin_edges), sample; in two passes
+    over x (chunked, see `over_chunks`): sums and extremes, then the central sums with the histograms
+    (the linear histogram's range is the finite min and max of the first pass, or `lin_range`)."""
+    m = as_matrix(x)
+    first = over_chunks(m, _first_pass, chunk)
+    mean = first["sum"] / first["n"]
+    exp = exp_range if "exp_hist" in groups else None
+    lin = None
     if "lin_hist" in groups:
-        lo, hi = lin_range or (out["min"], out["max"])  # the finite range, from the moments pass
-        out["lin_edges"] = linear_edges(flat, lin_bins, lo, hi)
-        lin_idx = linear_bin(flat, out["lin_edges"])
-        if "exp_hist" in groups:
-            joint = bincount(
-                exp_bin(flat, *exp_range) * (lin_bins + 1) + lin_idx, (exp_bins + 1) * (lin_bins + 1)
-            )
-            joint = joint.reshape(exp_bins + 1, lin_bins + 1)
-            out["exp_hist"] = jnp.sum(joint[:exp_bins], axis=1)
-            out["lin_hist"] = jnp.sum(joint[:, :lin_bins], axis=0)
-        else:
-            out["lin_hist"] = bincount(lin_idx, lin_bins)
-    elif "exp_hist" in groups:
-        out["exp_hist"] = bincount(exp_bin(flat, *exp_range), exp_bins)
+        lo, hi = linear_range(*(lin_range or (first["min"], first["max"])))
+        lin = (lo, hi, lin_bins)
+
+    def second(c: jax.Array, fresh: jax.Array) -> Sums:
+        hists = _hist_part(c, fresh, exp, lin) if exp or lin else {}
+        return _central_sums(c, fresh, mean) | hists
+
+    sums = over_chunks(m, second, chunk)
+    out = _moments(first, sums, m.size)
+    out |= {k: sums[k] for k in ("exp_hist", "lin_hist") if k in sums}
+    if lin:
+        out["lin_edges"] = jnp.linspace(lin[0], lin[1], lin_bins + 1, dtype=jnp.float32)
     if "sample" in groups:
-        out["sample"] = uniform_sample(x, key, sample_size)
+        out["sample"] = uniform_sample(m, key, sample_size)
     return out

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 ITEMS = ("captures", "index")
 
@@ -66,6 +67,7 @@ class ProbeStore:
         if stale and jax.process_index() == 0:
             for s in stale:
                 shutil.rmtree(self.manager.directory / str(s))
+        multihost_utils.sync_global_devices("probe store: stale chunks deleted")  # before anyone reloads
         self.manager.reload()
 
     def save(self, step: int, captures: list[tuple[int, dict[str, np.ndarray]]]) -> None:

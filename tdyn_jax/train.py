@@ -234,19 +234,18 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Program:
         read from the shapes of its outputs."""
         step = jax.jit(make_train_step(model, tx, cfg, spec))
         _, _, blocks, dumped = step.eval_shape(abstract, batch)  # traced once, reused below
-        dumped_sites = {name.removesuffix("/dump") for names in dumped for name in names}
 
         def packed(state: TrainState, b: dict) -> tuple:
             new_state, metrics, blocks, dumped = step(state, b)
-            return new_state, metrics, capture.pack(blocks), dumped
+            return new_state, metrics, capture.pack(blocks), capture.dumped_sites(dumped, spec.dump_sites)
 
         jitted = jax.jit(
             packed,
             in_shardings=(state_sharding, batch_sharding),
-            out_shardings=(state_sharding, None, replicated, replicated),
+            out_shardings=(state_sharding, None, replicated, None),  # dumps stay as they are sharded
             donate_argnums=0,
         )
-        return jitted, capture.pack_index(blocks), dumped_sites
+        return jitted, capture.pack_index(blocks), capture.dump_names(dumped)
 
     spec = ProbeSpec.from_config(cfg.probes)
     probe_step, index, _ = jit_probed(spec)
@@ -331,9 +330,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
                 probe_step = program.dump_step if dump else program.probe_step
                 state, metrics, captured, dumped = probe_step(state, batch)
                 captures.append((step, captured))
-                if dump and jax.process_index() == 0:
-                    dumped = capture.dumped_sites(jax.device_get(dumped))
-                    write_dumps(workdir, step, dumped, tuple(cfg.probes.dump_sites))
+                if dump:  # every process writes its own shards
+                    write_dumps(workdir, step, dumped)
             else:
                 state, metrics = program.train_step(state, batch)
             done = step + 1

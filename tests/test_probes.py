@@ -6,13 +6,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 import scipy.stats
-import tensorstore as ts
 
 from configs import tiny
 from tdyn_jax import data as data_lib
 from tdyn_jax import sharding
 from tdyn_jax.analysis import load
-from tdyn_jax.dumps import dump_path
+from tdyn_jax.dumps import read_dump
 from tdyn_jax.probes import stats as stats_lib
 from tdyn_jax.train import build
 from tests.test_probe_stats import ref_linear_counts
@@ -82,8 +81,7 @@ def dumped_run(tiny_run):
 
 
 def _read(workdir, site, tensor):
-    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(dump_path(workdir, 2, site, tensor))}}
-    return ts.open(spec).result().read().result()
+    return read_dump(workdir, 2, site, tensor)
 
 
 def _scalar(captures, site, stat):

@@ -8,6 +8,7 @@ tensors of dumped sites to `dumps`, and activation gradients come back as the gr
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 from typing import Any
 
@@ -263,10 +264,17 @@ def pack(blocks: Blocks) -> dict[str, jax.Array]:
     return {stat: jnp.concatenate(parts[stat]) for stat in sorted(parts)}
 
 
-def dumped_sites(blocks: Blocks) -> dict[str, dict[str, Any]]:
-    """{site: {tensor: array}} of the `dumps` blocks (on the host, outside the compiled step)."""
+def dump_names(blocks: Blocks) -> set[str]:
+    """Every site name of the `dumps` blocks (works on shapes too)."""
+    return {name.removesuffix("/dump") for names in blocks for name in names}
+
+
+def dumped_sites(blocks: Blocks, patterns: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """{site: {tensor: array}} of the `dumps` blocks for the sites matching `patterns` (full names,
+    with the layer): inside the step, so that only the wanted layers of a scanned stack leave it."""
     return {
         name.removesuffix("/dump"): jax.tree.map(lambda t, j=j: t[j], tensors)
         for names, tensors in blocks.items()
         for j, name in enumerate(names)
+        if any(fnmatch.fnmatchcase(name.removesuffix("/dump"), p) for p in patterns)
     }

@@ -32,6 +32,7 @@ from tdyn_jax.optim import optimizer, schedule
 from tdyn_jax.probe_store import ProbeStore
 from tdyn_jax.probes import capture
 from tdyn_jax.probes.spec import ProbeSpec, layer_free
+from tdyn_jax.probes.stats import seed_of
 
 
 @flax.struct.dataclass
@@ -115,7 +116,7 @@ def make_train_step(
             trees = {"params": state.params, "grads": grads, "updates": updates}
             nu = second_moment(opt_state)
             trees |= {} if nu is None else {"nu": nu}
-            captured |= capture.tree_stats(probe, trees, jax.random.fold_in(key, 1))
+            captured |= capture.tree_stats(probe, trees, seed_of(jax.random.fold_in(key, 1)))
         return new_state, metrics, captured, capture.sites(sown.get("dumps", {}))
 
     return step

@@ -405,7 +405,7 @@ def test_linear_histogram_sub_ulp_range(case):
 
 def test_uniform_sample_from_large_tensor():
     x = f32(np.random.default_rng(6).permutation(5000) * 0.25 - 300.0)  # distinct, exact values
-    key0, key1 = jax.random.PRNGKey(0), jax.random.PRNGKey(1)
+    key0, key1 = np.uint32(0), np.uint32(1)
     s0, s0b, s1 = (np.asarray(uniform_sample(x, k, SAMPLE)) for k in (key0, key0, key1))
     assert s0.shape == (SAMPLE,) and s0.dtype == np.float32
     assert np.all(np.isin(s0, x)) and np.all(np.isin(s1, x))
@@ -414,9 +414,26 @@ def test_uniform_sample_from_large_tensor():
     assert len(np.unique(s0)) > SAMPLE // 2  # not a constant or degenerate draw
 
 
+def test_random_indices_are_uniform_and_seeded():
+    """The hash-based draws: in range, reproducible, different per seed and stream, and uniform by a
+    chi-square test over 100 bins (200000 draws; fails at 1e-4 for a fair draw)."""
+    draw = jax.jit(stats.random_indices, static_argnums=(1, 2, 3))
+    idx = np.asarray(draw(np.uint32(7), 200_000, 100, 0))
+    assert idx.dtype == np.int32 and idx.min() >= 0 and idx.max() < 100
+    np.testing.assert_array_equal(idx, draw(np.uint32(7), 200_000, 100, 0))
+    assert np.mean(idx != np.asarray(draw(np.uint32(8), 200_000, 100, 0))) > 0.98
+    assert np.mean(idx != np.asarray(draw(np.uint32(7), 200_000, 100, 1))) > 0.98
+    counts = np.bincount(idx, minlength=100)
+    assert scipy.stats.chisquare(counts).pvalue > 1e-4
+    big = np.asarray(draw(np.uint32(3), 4096, 2**31 - 1, 0))  # the full int32 range
+    assert big.min() >= 0 and big.max() > 2**30 and len(np.unique(big)) == 4096
+    keys = [stats.seed_of(jax.random.key(k)) for k in (0, 1)]
+    assert keys[0] != keys[1] and keys[0].dtype == np.uint32
+
+
 def test_uniform_sample_small_tensor_padded():
     x = f32(np.arange(37).reshape(1, 37) * -1.5)
-    s = np.asarray(uniform_sample(x, jax.random.PRNGKey(0), SAMPLE))
+    s = np.asarray(uniform_sample(x, np.uint32(0), SAMPLE))
     assert s.shape == (SAMPLE,)
     np.testing.assert_array_equal(s[:37], x.reshape(-1))
     assert np.all(np.isnan(s[37:]))
@@ -431,8 +448,8 @@ def test_chunked_passes_equal_one_pass(chunk):
     assert stats.chunking(17, 100, chunk)[1] > 1
     settings = dict(groups=frozenset({"exp_hist", "lin_hist", "sample"}), exp_range=(EXP_MIN, EXP_MAX))
     settings |= dict(lin_bins=LIN_BINS, sample_size=SAMPLE)
-    one = to_np(jax.jit(functools.partial(stats.summary, **settings))(x, jax.random.key(0)))
-    chunked = to_np(jax.jit(functools.partial(stats.summary, **settings, chunk=chunk))(x, jax.random.key(0)))
+    one = to_np(jax.jit(functools.partial(stats.summary, **settings))(x, np.uint32(0)))
+    chunked = to_np(jax.jit(functools.partial(stats.summary, **settings, chunk=chunk))(x, np.uint32(0)))
     for key in ("count", "nonfinite", "frac_zero", "min", "max", "absmax", "min_nonzero"):
         assert chunked[key] == one[key], key
     for key in ("exp_hist", "lin_hist", "lin_edges", "sample"):
@@ -453,7 +470,7 @@ def test_summary_of_a_tensor_beyond_int32_traces():
         stats.summary, groups=frozenset({"exp_hist", "lin_hist", "sample"}), exp_range=(EXP_MIN, EXP_MAX),
         lin_bins=8, sample_size=SAMPLE,
     )  # fmt: skip
-    shapes = jax.eval_shape(summarize, x, jax.random.key(0))
+    shapes = jax.eval_shape(summarize, x, np.uint32(0))
     assert shapes["exp_hist"].shape == (stats.exp_hist_bins(EXP_MIN, EXP_MAX),)
     width, count = stats.chunking(512 * 16 * 1024, 1024)
     assert width * 512 * 16 * 1024 < 2**31 and width * count >= 1024

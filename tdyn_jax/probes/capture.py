@@ -20,6 +20,7 @@ from tdyn_jax.probes.energy import correlation, energy_stats, log_split, norms
 from tdyn_jax.probes.lowprec import lowprec_stats
 from tdyn_jax.probes.outliers import outlier_metrics
 from tdyn_jax.probes.spec import ProbeSpec
+from tdyn_jax.probes.stats import random_indices, seed_of
 
 Stats = dict[str, jax.Array]
 
@@ -32,29 +33,29 @@ def _sow(module: nn.Module, name: str, stats: Stats) -> None:
     module.sow("intermediates", name, jax.lax.stop_gradient(stats))
 
 
-def sample_rows(key: jax.Array, n: int, size: int) -> tuple[jax.Array, jax.Array]:
+def sample_rows(seed: jax.Array, n: int, size: int) -> tuple[jax.Array, jax.Array]:
     """(rows, stored): `size` row indices drawn uniformly with replacement from range(n), or all n rows
     in order when n <= size; `stored` is the same padded with -1 to `size` (the statistic "rows")."""
     if n <= size:
         rows = jnp.arange(n, dtype=jnp.int32)
         return rows, jnp.concatenate([rows, jnp.full((size - n,), -1, jnp.int32)])
-    rows = jax.random.randint(key, (size,), 0, n, dtype=jnp.int32)
+    rows = random_indices(seed, size, n, stream=3)
     return rows, rows
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _tap(spec: ProbeSpec, x: jax.Array, slot: tuple[Stats], key_data: jax.Array) -> jax.Array:
-    del slot, key_data
+def _tap(spec: ProbeSpec, x: jax.Array, slot: tuple[Stats], seed: jax.Array) -> jax.Array:
+    del slot, seed
     return x
 
 
-def _tap_fwd(spec, x, slot, key_data):
+def _tap_fwd(spec, x, slot, seed):
     del slot
-    return x, key_data
+    return x, seed
 
 
-def _tap_bwd(spec, key_data, g):
-    return g, (spec.summary(g, jax.random.wrap_key_data(key_data)),), None
+def _tap_bwd(spec, seed, g):
+    return g, (spec.summary(g, seed),), None
 
 
 _tap.defvjp(_tap_fwd, _tap_bwd)
@@ -63,15 +64,15 @@ _tap.defvjp(_tap_fwd, _tap_bwd)
 def grad_tap(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
     """Identity on x whose backward pass stores the statistics of dL/dx as the gradient of the zero
     variable grad_taps/<name> (the caller differentiates with respect to that collection too)."""
-    key = module.make_rng("probe")
+    seed = seed_of(module.make_rng("probe"))
     spec = module.probe
 
     def zeros() -> tuple[Stats]:
-        shapes = jax.eval_shape(lambda: spec.summary(x, key))
+        shapes = jax.eval_shape(lambda: spec.summary(x, seed))
         return (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),)
 
     slot = module.variable("grad_taps", name, zeros)
-    return _tap(spec, x, slot.value, jax.random.key_data(key))
+    return _tap(spec, x, slot.value, seed)
 
 
 def activation(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
@@ -84,10 +85,10 @@ def activation(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
     if spec.taps_only:
         return grad_tap(module, f"{name}/grad", x) if spec.grads else x
     x_ = jax.lax.stop_gradient(x)
-    key, rows_key = jax.random.split(module.make_rng("probe"))
-    stats = spec.summary(x_, key)
+    seed = seed_of(module.make_rng("probe"))
+    stats = spec.summary(x_, seed)
     if "outliers" in spec.stats:
-        rows, stored = sample_rows(rows_key, x_.size // x_.shape[-1], spec.rows)
+        rows, stored = sample_rows(seed, x_.size // x_.shape[-1], spec.rows)
         stats |= outlier_metrics(x_, spec.topk, rows) | {"rows": stored}
     _sow(module, name, stats)
     if spec.dumps(site):
@@ -150,25 +151,26 @@ def matmul(
     if spec.taps_only:
         return grad_tap(module, f"{prefix}out/grad", c) if spec.grads else c
     a, w, c32 = (jax.lax.stop_gradient(t.astype(jnp.float32)) for t in (a, w, c))
-    keys = jax.random.split(module.make_rng("probe"), 6)
+    seed = seed_of(module.make_rng("probe"))
+    seeds = [seed + jnp.uint32(i) for i in range(5)]  # one per part: their samples differ
     (g, n, k), m = a.shape, w.shape[-1]
     dense = g == 1
-    parts = {"in": spec.summary(a, keys[0])} if with_input else {}
-    parts["out"] = spec.summary(c32, keys[1])
-    rows, stored = sample_rows(keys[5], g * n, spec.rows)
+    parts = {"in": spec.summary(a, seeds[0])} if with_input else {}
+    parts["out"] = spec.summary(c32, seeds[1])
+    rows, stored = sample_rows(seed, g * n, spec.rows)
     a_rows, w_rows = a.reshape(g * n, k)[rows], w[0] if dense else w[rows // n]
     if "energy" in spec.stats:
         u, v = norms(a, w)
         log_only = frozenset({"exp_hist"})  # the norms' moments and dynamic range
         parts["a_norm"], parts["w_norm"] = (
-            spec.summary(u, keys[2], only=log_only),
-            spec.summary(v, keys[3], only=log_only),
+            spec.summary(u, seeds[2], only=log_only),
+            spec.summary(v, seeds[3], only=log_only),
         )
         parts["E"] = energy_stats(u, v)
         e_rows = u.reshape(-1)[rows][:, None] * (v if dense else v[rows // n])
         c_rows = c32.reshape(g * n, m)[rows]
         r_rows = correlation(c_rows, e_rows)
-        parts["R"] = spec.summary(r_rows, keys[4], lin_range=(-1.0, 1.0)) | log_split(c_rows, e_rows)
+        parts["R"] = spec.summary(r_rows, seeds[4], lin_range=(-1.0, 1.0)) | log_split(c_rows, e_rows)
         parts["R"]["rows"] = stored
     if "lowprec" in spec.stats:
         parts["lowprec"] = lowprec_stats(
@@ -213,7 +215,7 @@ def sites(tree: dict) -> Blocks:
     return out
 
 
-def tree_stats(spec: ProbeSpec, trees: dict[str, Any], key: jax.Array) -> Blocks:
+def tree_stats(spec: ProbeSpec, trees: dict[str, Any], seed: jax.Array) -> Blocks:
     """Statistics of every leaf of parameter-shaped trees {prefix: tree} (params, grads, updates,
     second moment), one site <prefix>/<Flax path> per leaf and layer (scanned stacks are split).
 
@@ -241,8 +243,8 @@ def tree_stats(spec: ProbeSpec, trees: dict[str, Any], key: jax.Array) -> Blocks
         by_shape.setdefault((leaf.shape, leaf.dtype), []).append(site)
     out = {}
     for g, group in enumerate(by_shape.values()):
-        keys = jax.random.split(jax.random.fold_in(key, g), len(group))
-        out[tuple(group)] = jax.vmap(spec.summary)(jnp.stack([leaves[s] for s in group]), keys)
+        seeds = seed + jnp.uint32(1000 * g) + jnp.arange(len(group), dtype=jnp.uint32)
+        out[tuple(group)] = jax.vmap(spec.summary)(jnp.stack([leaves[s] for s in group]), seeds)
     return out
 
 

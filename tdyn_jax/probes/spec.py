@@ -82,14 +82,14 @@ class ProbeSpec:
     def summary(
         self,
         x: jax.Array,
-        key: jax.Array,
+        seed: jax.Array,
         lin_range: tuple[float, float] | None = None,
         only: frozenset[str] | None = None,
     ) -> dict[str, jax.Array]:
         """`stats.summary` with this spec's groups (those in `only`, if given), bins and sample size."""
         return summary(
             x,
-            key,
+            seed,
             groups=self.stats if only is None else self.stats & only,
             exp_range=(self.exp_min, self.exp_max),
             lin_bins=self.lin_bins,

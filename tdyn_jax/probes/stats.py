@@ -234,23 +234,44 @@ def _histograms(m: jax.Array, exp_range: tuple[int, int] | None, lin: Linear | N
     return over_chunks(m, lambda c, f: _hist_part(c, f, exp_range, lin), chunk)
 
 
-def uniform_sample(x: jax.Array, key: jax.Array, size: int) -> jax.Array:
+def seed_of(key: jax.Array) -> jax.Array:
+    """A uint32 seed from a JAX PRNG key (its key data folded into one word)."""
+    data = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
+    return jnp.bitwise_xor.reduce(
+        data * jnp.arange(1, data.size + 1, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9)
+    )
+
+
+def _mix(h: jax.Array) -> jax.Array:
+    """The 32-bit finaliser of MurmurHash3: every input bit flips each output bit with probability ~1/2."""
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def random_indices(seed: jax.Array, size: int, n: int, stream: int = 0) -> jax.Array:
+    """`size` int32 indices in [0, n) (n < 2^31), drawn with replacement: a counter-based hash of (seed,
+    stream, i) taken modulo n (no index is favoured by more than n / 2^32). A handful of integer ops,
+    where a threefry draw would add hundreds to the compiled step."""
+    i = jnp.arange(size, dtype=jnp.uint32) + jnp.uint32((stream * 0x632BE5AB) & 0xFFFFFFFF)
+    h = _mix(_mix(i ^ jnp.asarray(seed, jnp.uint32)) + jnp.uint32(0x27D4EB2F))
+    return (h % jnp.uint32(n)).astype(jnp.int32)
+
+
+def uniform_sample(x: jax.Array, seed: jax.Array, size: int) -> jax.Array:
     """`size` raw values of x drawn uniformly with replacement (a row, then a column of its matrix, so
-    no index exceeds int32); when x has at most `size` elements, all of them in order, padded with
-    nan."""
+    no index exceeds int32) from the uint32 `seed`; when x has at most `size` elements, all of them in
+    order, padded with nan."""
     m = as_matrix(x)
     if m.size <= size:
         return jnp.concatenate([m.reshape(-1), jnp.full((size - m.size,), jnp.nan, jnp.float32)])
-    if m.shape[0] == 1:
-        return m[0, jax.random.randint(key, (size,), 0, m.shape[1])]
-    row_key, col_key = jax.random.split(key)
-    rows = jax.random.randint(row_key, (size,), 0, m.shape[0])
-    return m[rows, jax.random.randint(col_key, (size,), 0, m.shape[1])]
+    rows = random_indices(seed, size, m.shape[0], stream=1)
+    return m[rows, random_indices(seed, size, m.shape[1], stream=2)]
 
 
 def summary(
     x: jax.Array,
-    key: jax.Array,
+    seed: jax.Array,
     *,
     groups: frozenset[str],
     exp_range: tuple[int, int],
@@ -281,5 +302,5 @@ def summary(
     if lin:
         out["lin_edges"] = jnp.linspace(lin[0], lin[1], lin_bins + 1, dtype=jnp.float32)
     if "sample" in groups:
-        out["sample"] = uniform_sample(m, key, sample_size)
+        out["sample"] = uniform_sample(m, seed, sample_size)
     return out

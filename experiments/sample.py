@@ -46,6 +46,7 @@ def sample(apply_fn, params, prompt: np.ndarray, length: int, temperature: float
 def main(_: list[str]) -> None:
     workdir = Path(flags.FLAGS.workdir)
     cfg = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    cfg.probes.enabled = False  # sampling needs only the model
     mesh = sharding.make_mesh(cfg, jax.devices()[:1])
     program = build(cfg, mesh)
     ckpt = Checkpoints(workdir, cfg.checkpoint)

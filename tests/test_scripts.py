@@ -1,0 +1,58 @@
+"""Every benchmark and experiment script not tested elsewhere runs on configs/tiny.py (or the session's
+tiny run) and prints its numbers: none of them can break silently."""
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ENV, ROOT
+
+
+def _run(*args, timeout=600):
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _number(pattern, text):
+    found = re.search(pattern, text)
+    assert found, f"{pattern!r} not in:\n{text}"
+    return float(found.group(1).replace(",", ""))
+
+
+def test_throughput_benchmark():
+    out = _run("benchmarks/throughput.py", "--config=configs/tiny.py", "--steps=3", "--peak_size=256")
+    assert _number(r"tokens/s\s+([\d,]+)", out) > 0
+    assert 0 < _number(r"MFU\s+([\d.]+) %", out) < 100
+
+
+def test_probe_overhead_benchmark():
+    out = _run("benchmarks/probe_overhead.py", "--config=configs/tiny.py", "--rounds=2")
+    assert _number(r"probed / plain\s+([\d.]+)x", out) > 1
+    assert _number(r"memory \(XLA plan\).*: ([\d.]+)x", out) > 0.5
+    assert _number(r"one capture on disk\s+([\d.]+) MiB", out) > 0
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """A copy of the session's tiny run, for scripts that write into it."""
+    workdir, _ = tiny_run
+    return shutil.copytree(workdir, tmp_path / "run")
+
+
+def test_analysis_speed_benchmark(run_copy):
+    out = _run("benchmarks/analysis_speed.py", f"--workdir={run_copy}", "--workers=2")
+    assert _number(r"fit every site x step: 1 thread ([\d.]+) s", out) > 0
+    assert _number(r"write_report: [\d.]+ s, (\d+) figures", out) > 0
+    assert (run_copy / "analysis" / "report.html").exists()
+
+
+def test_sample_experiment(tiny_run):
+    workdir, _ = tiny_run
+    out = _run("experiments/sample.py", f"--workdir={workdir}", "--prompt=ab", "--temperature=0")
+    assert out.startswith("--- step 20, temperature 0.0 ---")
+    assert len(out.splitlines()[1]) > 0

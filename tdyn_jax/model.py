@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from tdyn_jax.probes import capture
+from tdyn_jax.probes.naming import SCANNED, layer_name
 from tdyn_jax.probes.spec import ProbeSpec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -225,10 +226,10 @@ class Transformer(nn.Module):
                 split_rngs={"params": True, "probe": True},
                 length=c.num_layers,
             )
-            x, _ = stack(c, self.probe, name="layers")(x, None)
+            x, _ = stack(c, self.probe, name=SCANNED)(x, None)
         else:
             for i in range(c.num_layers):
-                x, _ = block(c, self.probe, name=f"layer_{i:02d}")(x, None)
+                x, _ = block(c, self.probe, name=layer_name(i))(x, None)
         if c.norm_placement == "pre":
             x = _norm(c, "final_norm", probe=self.probe)(x)
         kernel = embed.T if c.tie_embeddings else None

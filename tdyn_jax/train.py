@@ -31,7 +31,8 @@ from tdyn_jax.model import Transformer
 from tdyn_jax.optim import optimizer, schedule
 from tdyn_jax.probe_store import ProbeStore
 from tdyn_jax.probes import capture
-from tdyn_jax.probes.spec import ProbeSpec, layer_free
+from tdyn_jax.probes.naming import layer_free
+from tdyn_jax.probes.spec import ProbeSpec
 from tdyn_jax.probes.stats import seed_of
 
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from tdyn_jax.analysis import claims, levers, study
-from tdyn_jax.analysis.load import Captures, ProbeArray, layer_of
+from tdyn_jax.analysis.load import Captures, ProbeArray
 from tdyn_jax.analysis.verdicts import (
     INCONCLUSIVE,
     NOT_SUPPORTED,
@@ -16,6 +16,7 @@ from tdyn_jax.analysis.verdicts import (
     markdown,
     verdict,
 )
+from tdyn_jax.probes.naming import layer_of
 
 STEPS = [0, 10, 50, 100]
 NUM_STEPS = 200  # early: steps <= 50

@@ -22,7 +22,7 @@ from tdyn_jax.analysis.findings import logistic_onset, top_channel_share
 from tdyn_jax.analysis.fit import fit, ks_statistic
 from tdyn_jax.analysis.load import Captures
 from tdyn_jax.analysis.verdicts import Check, Claim, share
-from tdyn_jax.probes.spec import layer_free
+from tdyn_jax.probes.naming import layer_free
 
 EARLY = 0.25  # share of the training steps that counts as early
 LOGISTIC_KURTOSIS = 1.2  # excess kurtosis of the logistic distribution

@@ -13,7 +13,7 @@ import pandas as pd
 from tdyn_jax.analysis.fit import best_family
 from tdyn_jax.analysis.load import Captures
 from tdyn_jax.analysis.views import kind_sites, scalar
-from tdyn_jax.probes.spec import layer_free
+from tdyn_jax.probes.naming import layer_free
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,8 @@ import pandas as pd
 from scipy import special
 from tqdm import tqdm
 
-from tdyn_jax.analysis.load import Captures, layer_of
+from tdyn_jax.analysis.load import Captures
+from tdyn_jax.probes.naming import layer_of
 
 FAMILIES = ("gaussian", "logistic", "laplace", "student_t")
 PARAMS = {"gaussian": ("loc", "scale"), "logistic": ("loc", "scale"), "laplace": ("loc", "scale")}

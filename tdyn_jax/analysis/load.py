@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,8 @@ from absl import logging
 
 from tdyn_jax.config import flatten
 from tdyn_jax.probe_store import ITEMS, decode_index, probes_dir
+from tdyn_jax.probes.naming import layer_of
 from tdyn_jax.probes.spec import is_sampled
-
-_LAYER = re.compile(r"(?:^|/)layer_(\d+)(?:/|$)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +43,6 @@ class Captures:
     def steps(self) -> np.ndarray:
         """The capture steps, ascending."""
         return np.unique(self.table["step"].to_numpy())
-
-
-def layer_of(site: str) -> int:
-    """The layer index in a site name (layer_03/... -> 3), or -1 outside the layers."""
-    match = _LAYER.search(site)
-    return int(match.group(1)) if match else -1
 
 
 def load(workdir: str | Path) -> Captures:

@@ -24,7 +24,7 @@ from tdyn_jax.analysis.views import (
     pick_steps,
     scalar,
 )
-from tdyn_jax.probes.spec import layer_free
+from tdyn_jax.probes.naming import layer_free
 
 DPI = 130
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 8})

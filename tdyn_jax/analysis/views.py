@@ -11,8 +11,8 @@ import fnmatch
 import numpy as np
 import pandas as pd
 
-from tdyn_jax.analysis.load import Captures, ProbeArray, layer_of
-from tdyn_jax.probes.spec import layer_free
+from tdyn_jax.analysis.load import Captures, ProbeArray
+from tdyn_jax.probes.naming import layer_free, layer_of
 
 
 def _sites_with(captures: Captures, stat: str) -> list[str]:

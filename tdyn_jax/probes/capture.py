@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from tdyn_jax.probes.energy import correlation, energy_stats, log_split, norms
 from tdyn_jax.probes.lowprec import lowprec_stats
+from tdyn_jax.probes.naming import SCANNED, unstacked
 from tdyn_jax.probes.outliers import outlier_metrics
 from tdyn_jax.probes.spec import ProbeSpec
 from tdyn_jax.probes.stats import random_indices, seed_of
@@ -205,13 +206,10 @@ def sites(tree: dict) -> Blocks:
     is one block of sites layer_00, layer_01, ...; any other site a block of one."""
     out = {}
     for path, value in _walk(tree, ()):
-        if "layers" not in path:
-            out[("/".join(path),)] = jax.tree.map(lambda t: t[None], value)
-            continue
-        i = path.index("layers")
-        depth = jax.tree.leaves(value)[0].shape[0]
-        names = tuple("/".join((*path[:i], f"layer_{j:02d}", *path[i + 1 :])) for j in range(depth))
-        out[names] = value
+        if SCANNED in path:
+            out[unstacked(path, jax.tree.leaves(value)[0].shape[0])] = value
+        else:
+            out[unstacked(path, 1)] = jax.tree.map(lambda t: t[None], value)
     return out
 
 
@@ -230,12 +228,9 @@ def tree_stats(spec: ProbeSpec, trees: dict[str, Any], seed: jax.Array) -> Block
             if not spec.wants(site):
                 continue
             leaf = jax.lax.stop_gradient(leaf)
-            if "layers" in names:
-                i = names.index("layers")
-                for layer in range(leaf.shape[0]):
-                    leaves["/".join((prefix, *names[:i], f"layer_{layer:02d}", *names[i + 1 :]))] = leaf[
-                        layer
-                    ]
+            if SCANNED in names:
+                for layer, name in enumerate(unstacked((prefix, *names), leaf.shape[0])):
+                    leaves[name] = leaf[layer]
             else:
                 leaves[site] = leaf
     by_shape: dict[tuple, list[str]] = {}

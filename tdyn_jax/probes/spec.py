@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import re
 
 import jax
 import ml_collections
 
+from tdyn_jax.probes.naming import layer_free
 from tdyn_jax.probes.stats import summary
 
 GROUPS = ("exp_hist", "lin_hist", "sample", "outliers", "energy", "lowprec")
@@ -17,13 +17,6 @@ GROUPS = ("exp_hist", "lin_hist", "sample", "outliers", "energy", "lowprec")
 # outlier metrics of an activation site. Every other statistic covers the whole tensor.
 SAMPLED_PARTS = ("R", "lowprec")
 SAMPLED_STATS = ("max_median_ratio", "massive_ratio", "rows")
-_LAYER = re.compile(r"^(layers|layer_\d+)$")
-
-
-def layer_free(path: tuple[str, ...] | str) -> str:
-    """A site name without its layer component: ('layer_03', 'attn', 'q') -> 'attn/q'."""
-    parts = path.split("/") if isinstance(path, str) else path
-    return "/".join(p for p in parts if not _LAYER.match(p))
 
 
 def is_sampled(site: str, stat: str) -> bool:

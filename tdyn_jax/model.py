@@ -48,9 +48,7 @@ class Linear(nn.Module):
             kernel = self.param("kernel", init, (x.shape[-1], self.features), self.param_dtype)
         y = matmul(x, kernel, self.dtype)
         if self.probe is not None:
-            a, w = x.astype(self.dtype), kernel.astype(self.dtype)
-            y = capture.matmul(self, a.reshape(1, -1, a.shape[-1]), w[None], y.reshape(1, -1, y.shape[-1]))
-            y = y.reshape(*x.shape[:-1], self.features)
+            y = capture.matmul(self, x.astype(self.dtype), kernel.astype(self.dtype), y)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         return y.astype(self.out_dtype or self.dtype)

@@ -153,18 +153,20 @@ def test_in_step_energy_correlation_and_low_precision_of_a_dumped_matmul(dumped_
     site = "layer_00/mlp/up"
     a, w, c = (_read(workdir, site, t).astype(np.float64) for t in ("A", "W", "C"))
     e, r = _read(workdir, site, "E"), _read(workdir, site, "R")
-    assert a.shape == (1, cfg.data.batch_size * cfg.data.seq_len, cfg.model.d_model)
+    assert a.shape == (cfg.data.batch_size, cfg.data.seq_len, cfg.model.d_model)  # as in the model
+    assert w.shape == (cfg.model.d_model, cfg.model.d_ff)
     np.testing.assert_allclose(c, a @ w, rtol=1e-4, atol=1e-5)
     u, v = np.linalg.norm(a, axis=-1), np.linalg.norm(w, axis=-2)
-    e64 = u[:, :, None] * v[:, None, :]
+    e64 = u[..., None] * v
     np.testing.assert_allclose(e, e64, rtol=1e-5)
     np.testing.assert_allclose(r, c / e64, rtol=1e-4, atol=1e-6)
     assert f"{site}/in" not in captures.arrays["sample"].sites  # the input is an activation site
     assert "layer_00/attn/scores/in" in captures.arrays["sample"].sites  # q after rope is not
     _check_summary(captures, f"{site}/out", _read(workdir, site, "C"))
-    rows = _rows(captures, f"{site}/R", a.shape[1], cfg.probes.rows)
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    rows = _rows(captures, f"{site}/R", tokens, cfg.probes.rows)
     assert np.array_equal(_array(captures, "rows", f"{site}/lowprec"), rows)  # the same rows
-    r_rows, c_rows, e_rows = r[0][rows], c[0][rows], e64[0][rows]
+    r_rows, c_rows, e_rows = (t.reshape(tokens, -1)[rows] for t in (r, c, e64))
     _check_summary(captures, f"{site}/R", r_rows, lin_range=(-1.0, 1.0))
     # the token norms are nearly equal (rms-normed input): their skewness and kurtosis depend on the
     # last bits of each norm, which float32 (in the step) and float64 (here) round differently
@@ -185,7 +187,7 @@ def test_in_step_energy_correlation_and_low_precision_of_a_dumped_matmul(dumped_
     np.testing.assert_allclose(_scalar(captures, f"{site}/R", "var_log2_e"), log_e.var(), rtol=1e-4)
     # low precision: underflow and overflow of the rows of A and of W (per-tensor scales from the whole
     # operands), as the float8 casts of ml_dtypes see them
-    a32, w32 = _read(workdir, site, "A")[0], _read(workdir, site, "W")[0]
+    a32, w32 = _read(workdir, site, "A").reshape(tokens, -1), _read(workdir, site, "W")
     for fmt, dtype, top in (
         ("e4m3", ml_dtypes.float8_e4m3fn, 448.0),
         ("e5m2", ml_dtypes.float8_e5m2, 57344.0),

@@ -133,16 +133,18 @@ def matmul(
     name: str | None = None,
     with_input: bool = False,
 ) -> jax.Array:
-    """Statistics of one matmul in grouped form a (g, n, k) @ w (g, k, m) = c (g, n, m), sown as
-    <site>/out, /a_norm, /w_norm, /E (exact moments from the norms), /R (R on [-1, 1] and the
-    log-variance split), /lowprec, and /in when `with_input` (a weight matmul's input is an activation
-    site of its own: a norm output, attn/mix, mlp/hidden or the residual stream).
+    """Statistics of one matmul C = A @ W: a weight matmul a (..., k) @ w (k, m) = c (..., m), whose
+    leading axes are tokens, or a grouped one a (g, n, k) @ w (g, k, m) = c (g, n, m) (the scores:
+    g = batch x heads, w = K^T). Sown as <site>/out, /a_norm, /w_norm, /E (exact moments from the
+    norms), /R (R on [-1, 1] and the log-variance split), /lowprec, and /in when `with_input` (a
+    weight matmul's input is an activation site of its own: a norm output, attn/mix, mlp/hidden or the
+    residual stream).
 
     /R and /lowprec are computed on `probes.rows` rows of C sampled uniformly (stored with them as
-    "rows", indices into the g * n rows), so their cost does not grow with the tokens; the others
-    cover the whole tensors. Returns c, gradient-tapped (<site>/out/grad) when the spec asks for
-    gradients. The site is the module path (+ `name`). Outlier metrics are left to the activation
-    sites.
+    "rows", indices into the rows of C flattened to (rows, m)), so their cost does not grow with the
+    tokens; the others cover the whole tensors. Returns c, gradient-tapped (<site>/out/grad) when the
+    spec asks for gradients. The site is the module path (+ `name`). Outlier metrics are left to the
+    activation sites.
     """
     spec: ProbeSpec | None = module.probe
     site = _site(module, name)
@@ -154,25 +156,27 @@ def matmul(
     a, w, c32 = (jax.lax.stop_gradient(t.astype(jnp.float32)) for t in (a, w, c))
     seed = seed_of(module.make_rng("probe"))
     seeds = [seed + jnp.uint32(i) for i in range(5)]  # one per part: their samples differ
-    (g, n, k), m = a.shape, w.shape[-1]
-    dense = g == 1
+    grouped = w.ndim == 3
+    k, m = w.shape[-2:]
     parts = {"in": spec.summary(a, seeds[0])} if with_input else {}
     parts["out"] = spec.summary(c32, seeds[1])
-    rows, stored = sample_rows(seed, g * n, spec.rows)
-    a_rows, w_rows = a.reshape(g * n, k)[rows], w[0] if dense else w[rows // n]
+    flat_a = a.reshape(-1, k)
+    rows, stored = sample_rows(seed, flat_a.shape[0], spec.rows)
+    group = rows // a.shape[-2] if grouped else None  # the group of each sampled row
+    per_row = (lambda t: t[group]) if grouped else (lambda t: t)  # the W (or its norms) of each row
+    a_rows, w_rows = flat_a[rows], per_row(w)
     if "energy" in spec.stats:
-        u, v = norms(a, w)
+        u, v = norms(a, w)  # a.shape[:-1], (m,) or (g, m)
         log_only = frozenset({"exp_hist"})  # the norms' moments and dynamic range
         parts["a_norm"], parts["w_norm"] = (
             spec.summary(u, seeds[2], only=log_only),
             spec.summary(v, seeds[3], only=log_only),
         )
-        parts["E"] = energy_stats(u, v)
-        e_rows = u.reshape(-1)[rows][:, None] * (v if dense else v[rows // n])
-        c_rows = c32.reshape(g * n, m)[rows]
-        r_rows = correlation(c_rows, e_rows)
-        parts["R"] = spec.summary(r_rows, seeds[4], lin_range=(-1.0, 1.0)) | log_split(c_rows, e_rows)
-        parts["R"]["rows"] = stored
+        parts["E"] = energy_stats(u, v) if grouped else energy_stats(u.reshape(1, -1), v[None])
+        e_rows = u.reshape(-1)[rows][:, None] * per_row(v)
+        c_rows = c32.reshape(-1, m)[rows]
+        parts["R"] = spec.summary(correlation(c_rows, e_rows), seeds[4], lin_range=(-1.0, 1.0))
+        parts["R"] |= log_split(c_rows, e_rows) | {"rows": stored}
     if "lowprec" in spec.stats:
         parts["lowprec"] = lowprec_stats(
             a, w, a_rows, w_rows, formats=spec.formats, scalings=spec.scalings, r_bits=spec.r_bits,
@@ -184,7 +188,7 @@ def matmul(
     if spec.dumps(site):
         tensors = {"A": a, "W": w, "C": c32}
         if "energy" in spec.stats:
-            e = u[:, :, None] * v[:, None, :]
+            e = u[..., None] * (v[:, None, :] if grouped else v)
             tensors |= {"E": e, "R": correlation(c32, e)}
         module.sow("dumps", f"{prefix}dump", tensors)
     return grad_tap(module, f"{prefix}out/grad", c) if spec.grads else c

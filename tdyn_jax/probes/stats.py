@@ -4,10 +4,10 @@ Every function here is pure `jax.numpy`, traceable inside a jitted step, and ret
 shapes depend only on the settings, never on the data. Non-finite values (nan, +-inf) are counted in
 `nonfinite` and left out of every other statistic.
 
-A tensor is read as a matrix (rows, last axis). One of more than `CHUNK` elements is read in chunks
-of columns, in a loop: each pass keeps its temporaries to one chunk, so the statistics of a tokens x
-vocabulary tensor need no copy of it, and a chunk (at most 2^31 elements) is counted exactly in int32.
-Slicing columns keeps the rows (the tokens) split over devices as they are.
+A tensor is read as a matrix (leading axis, the rest). One of more than `CHUNK` elements is read in
+chunks of columns, in a loop: each pass keeps its temporaries to one chunk, so the statistics of a
+tokens x vocabulary tensor need no copy of it, and a chunk (at most 2^31 elements) is counted exactly
+in int32. Slicing columns keeps the rows (the batch) split over devices as they are.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ _MIN, _MAX = ("min", "min_nonzero"), ("max",)  # the partial results not combine
 
 
 def as_matrix(x: jax.Array) -> jax.Array:
-    """x as float32 (rows, last axis); a scalar or vector is one row."""
+    """x as float32 (leading axis, everything else): the batch (the axis split over devices) stays
+    the rows, and a chunk of columns is contiguous in each row; a scalar or vector is one row."""
     x = x.astype(jnp.float32)
-    return x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
+    return x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
 
 
 def chunking(rows: int, cols: int, chunk: int = CHUNK) -> tuple[int, int]:

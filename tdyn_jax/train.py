@@ -203,6 +203,14 @@ class Program:
     probe_index: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # statistic -> sites
 
 
+def batch_shapes(cfg: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes (with their sharding) of a global batch, to trace or compile a step without data."""
+    tokens = jax.ShapeDtypeStruct(
+        (cfg.data.batch_size, cfg.data.seq_len), jnp.int32, sharding=sharding.batch_sharding(mesh)
+    )
+    return {"inputs": tokens, "targets": tokens}
+
+
 def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Program:
     """Model, optimizer and jitted steps for `cfg`, laid out on `mesh`.
 
@@ -227,8 +235,7 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Program:
     program = Program(model, jax.jit(init, out_shardings=state_sharding), abstract, train_step, eval_step)
     if not cfg.probes.enabled:
         return program
-    tokens = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32, sharding=batch_sharding)
-    batch = {"inputs": tokens, "targets": tokens}
+    batch = batch_shapes(cfg, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def jit_probed(spec: ProbeSpec) -> tuple[Any, dict[str, list[str]], set[str]]:
@@ -273,6 +280,63 @@ def _check_patterns(field: str, patterns: tuple[str, ...], sites: set[str], pref
             )
 
 
+class Interval:
+    """The steps since the last log line: their metrics (still on the devices), their count and time;
+    the first step after a (re)start is timed apart, as compile time."""
+
+    def __init__(self, start: int, tokens_per_step: int):
+        self.start, self.tokens_per_step = start, tokens_per_step
+        self.pending: list[dict] = []
+        self.compile_s: dict[str, float] = {}  # reported once, on the first logged line
+        self.began, self.steps = time.perf_counter(), 0
+
+    def add(self, done: int, metrics: dict) -> None:
+        """Records the metrics of the step that brought the run to step `done`."""
+        self.pending.append(metrics)
+        self.steps += 1
+        if done == self.start + 1:  # exclude compilation from the throughput figures
+            jax.block_until_ready(metrics)
+            self.compile_s["compile_s"] = time.perf_counter() - self.began
+            self.began, self.steps = time.perf_counter(), 0
+
+    def close(self) -> dict[str, float]:
+        """The log row of the interval (waits for its steps, which run asynchronously); starts anew."""
+        fetched = jax.device_get(self.pending)
+        row = summarize(fetched, time.perf_counter() - self.began, self.steps, self.tokens_per_step)
+        row.update(self.compile_s)
+        self.pending, self.compile_s = [], {}
+        self.began, self.steps = time.perf_counter(), 0
+        return row
+
+
+def restore_or_init(
+    program: Program, ckpt: Checkpoints, batches: data_lib.Batches, workdir: Path
+) -> TrainState:
+    """The newest checkpoint's state (and the data iterator's position), or the initial state."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return program.init()
+    state, data_state = ckpt.restore(latest, program.abstract_state)
+    batches.restore(data_state)
+    logging.info("resumed %s from step %d", workdir, latest)
+    return state
+
+
+def take_step(
+    program: Program, cfg: ml_collections.ConfigDict, workdir: Path, state: TrainState, batch: dict
+):
+    """One train step: the probed one on capture steps (writing dumps on dump steps), else the plain
+    one. Returns (new state, metrics, {statistic: (sites, ...)} or None)."""
+    step = int(state.step)
+    if not (program.probe_step and is_capture_step(cfg.probes, step)):
+        return *program.train_step(state, batch), None
+    dump = step in cfg.probes.dump_steps
+    state, metrics, captured, dumped = (program.dump_step if dump else program.probe_step)(state, batch)
+    if dump:  # every process writes its own shards
+        write_dumps(workdir, step, dumped)
+    return state, metrics, captured
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics (with their step)."""
     workdir = Path(workdir)
@@ -280,13 +344,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
     validate(cfg, jax.device_count())
     config = to_dict(cfg)
     train_tokens, val_tokens = data_lib.load_splits(cfg.data, cfg.model.vocab_size)
-    pid, nproc = jax.process_index(), jax.process_count()
-    batches = data_lib.Batches(
-        train_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.seed, pid, nproc, "train"
+    pid, nproc, seq, batch_size = (
+        jax.process_index(),
+        jax.process_count(),
+        cfg.data.seq_len,
+        cfg.data.batch_size,
     )
-    val = data_lib.Batches(
-        val_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.seed + 1, pid, nproc, "validation"
-    )
+    batches = data_lib.Batches(train_tokens, seq, batch_size, cfg.seed, pid, nproc, "train")
+    val = data_lib.Batches(val_tokens, seq, batch_size, cfg.seed + 1, pid, nproc, "validation")
     if cfg.train.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", str(data_lib.cache_dir() / "xla"))
     mesh = sharding.make_mesh(cfg)
@@ -294,24 +359,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
     prepare_workdir(workdir, config)
 
     ckpt = Checkpoints(workdir, cfg.checkpoint)
-    latest = ckpt.latest_step()
-    if latest is None:
-        state = program.init()
-    else:
-        state, data_state = ckpt.restore(latest, program.abstract_state)
-        batches.restore(data_state)
-        logging.info("resumed %s from step %d", workdir, latest)
+    state = restore_or_init(program, ckpt, batches, workdir)
     start = int(state.step)
     store = ProbeStore(workdir, program.probe_index) if program.probe_step else None
     if store:
         store.discard_after(start)
     captures: list[tuple[int, Any]] = []  # taken since the last checkpoint, still on the devices
+    val_batches = [sharding.global_batch(val.batch(i), mesh) for i in range(cfg.train.eval_batches)]
 
-    val_batches = [val.batch(i) for i in range(cfg.train.eval_batches)]
-
-    def evaluate(params: Any) -> float:
-        losses = [program.eval_step(params, sharding.global_batch(b, mesh)) for b in val_batches]
-        return float(np.mean(jax.device_get(losses)))
+    def evaluate(params: Any) -> dict[str, float]:
+        loss = float(np.mean(jax.device_get([program.eval_step(params, b) for b in val_batches])))
+        return {"val_loss": loss, "val_ppl": float(np.exp(loss))}
 
     show_bar = cfg.train.progress_bar and sys.stderr.isatty() and jax.process_index() == 0
     bar = tqdm(total=cfg.train.num_steps, initial=start, disable=not show_bar, dynamic_ncols=True)
@@ -320,47 +378,25 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
     stop = StopRequest()
     if start >= cfg.train.num_steps:
         logging.info("%s is already at step %d of %d: nothing to train", workdir, start, cfg.train.num_steps)
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    last: dict[str, float] = {}
-    compile_s: dict[str, float] = {}  # reported once, on the first logged line
-    interval_start, interval_steps, pending = time.perf_counter(), 0, []
+    interval, last = Interval(start, batch_size * seq), {}
     try:
         for step in range(start, cfg.train.num_steps):
-            batch = sharding.global_batch(next(batches), mesh)
-            if store and is_capture_step(cfg.probes, step):
-                dump = step in cfg.probes.dump_steps
-                probe_step = program.dump_step if dump else program.probe_step
-                state, metrics, captured, dumped = probe_step(state, batch)
+            state, metrics, captured = take_step(
+                program, cfg, workdir, state, sharding.global_batch(next(batches), mesh)
+            )
+            if captured is not None:
                 captures.append((step, captured))
-                if dump:  # every process writes its own shards
-                    write_dumps(workdir, step, dumped)
-            else:
-                state, metrics = program.train_step(state, batch)
             done = step + 1
-            pending.append(metrics)
-            interval_steps += 1
-            if done == start + 1:  # exclude compilation from the throughput figures
-                jax.block_until_ready(metrics)
-                compile_s["compile_s"] = time.perf_counter() - interval_start
-                interval_start, interval_steps = time.perf_counter(), 0
+            interval.add(done, metrics)
             bar.update(1)
             stopping = stop.signal is not None or ckpt.reached_preemption(done)
             final = done == cfg.train.num_steps or stopping
             evaluate_now = done % cfg.train.eval_every == 0 or done == cfg.train.num_steps
             if done % cfg.train.log_every == 0 or evaluate_now or final:
-                fetched = jax.device_get(pending)  # waits for the steps, which run asynchronously
-                elapsed = time.perf_counter() - interval_start
-                row = summarize(fetched, elapsed, interval_steps, tokens_per_step)
-                if evaluate_now:
-                    row["val_loss"] = evaluate(state.params)
-                    row["val_ppl"] = float(np.exp(row["val_loss"]))
-                row.update(compile_s)
-                compile_s = {}
+                row = interval.close() | (evaluate(state.params) if evaluate_now else {})
                 writer.write(done, row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
                 last.update(row, step=done)
-                pending, interval_steps = [], 0
-                interval_start = time.perf_counter()
             if done % cfg.checkpoint.every == 0 or final:
                 if captures:  # the chunk is on disk before the checkpoint that covers it starts
                     store.save(done, jax.device_get(captures))

@@ -37,6 +37,24 @@ def test_probe_overhead_benchmark():
     assert _number(r"one capture on disk\s+([\d.]+) MiB", out) > 0
 
 
+def test_tpu_compile_benchmark_on_local_devices():
+    """The script that compiles for a TPU topology, here for 8 virtual CPU devices (libtpu is optional)."""
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    args = [
+        "benchmarks/tpu_compile.py",
+        "--config=configs/tiny.py",
+        "--topology=local",
+        "--config.mesh.fsdp=2",
+    ]
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "{'data': 4, 'fsdp': 2}" in done.stdout
+    assert _number(r"probed / plain: memory ([\d.]+)x", done.stdout) > 1
+    assert _number(r"plain\s+compile\s+([\d.]+) s", done.stdout) > 0
+
+
 @pytest.fixture
 def run_copy(tiny_run, tmp_path):
     """A copy of the session's tiny run, for scripts that write into it."""

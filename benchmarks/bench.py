@@ -1,5 +1,6 @@
 """What the benchmark scripts share: random batches over the config's vocabulary, XLA's memory plan,
-and interleaved timing of several steps (medians: these machines vary by 15-25% from run to run)."""
+interleaved timing of several steps (medians: these machines vary by 15-25% from run to run), the
+model FLOPs per token and a matmul peak measured in the same process."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import time
 from collections.abc import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
 from tdyn_jax import data as data_lib
 from tdyn_jax import sharding
+from tdyn_jax.model import matmul
 
 
 def random_batches(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
@@ -53,3 +56,25 @@ def interleaved(steps: dict[str, Callable], state, batches: Iterator, rounds: in
                 times[name].append(time.perf_counter() - start)
             state = out[0]
     return {name: float(np.median(t)) for name, t in times.items()}, state
+
+
+def flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> float:
+    """Training FLOPs per token: 3 x (2 x matmul weights + attention scores and mixing)."""
+    mlp_mats = 3 if m.mlp == "swiglu" else 2
+    weights = m.num_layers * (4 * m.d_model**2 + mlp_mats * m.d_model * m.d_ff)
+    weights += m.d_model * m.vocab_size
+    attention = m.num_layers * 2 * 2 * seq_len * m.d_model  # Q K^T and P V, full (unmasked) square
+    return 3.0 * (2.0 * weights + attention)
+
+
+def matmul_peak(size: int, dtype: jnp.dtype, repeats: int = 5) -> float:
+    """FLOP/s of the fastest of `repeats` size^3 matmuls."""
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+    f = jax.jit(lambda x: matmul(x, x, dtype))
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * size**3 / best

@@ -11,43 +11,20 @@ from __future__ import annotations
 import time
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags
+from bench import flops_per_token, matmul_peak
 from ml_collections import config_flags
 
 from tdyn_jax import data as data_lib
 from tdyn_jax import sharding
 from tdyn_jax.config import validate
-from tdyn_jax.model import DTYPES, matmul
+from tdyn_jax.model import DTYPES
 from tdyn_jax.train import build
 
 config_flags.DEFINE_config_file("config", "configs/small.py", "Config file.")
 flags.DEFINE_integer("steps", 30, "Timed steps (after two warm-up steps).")
 flags.DEFINE_integer("peak_size", 2048, "Side of the square matmul that measures the peak.")
-
-
-def flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> float:
-    """Training FLOPs per token: 3 x (2 x matmul weights + attention scores and mixing)."""
-    mlp_mats = 3 if m.mlp == "swiglu" else 2
-    weights = m.num_layers * (4 * m.d_model**2 + mlp_mats * m.d_model * m.d_ff)
-    weights += m.d_model * m.vocab_size
-    attention = m.num_layers * 2 * 2 * seq_len * m.d_model  # Q K^T and P V, full (unmasked) square
-    return 3.0 * (2.0 * weights + attention)
-
-
-def matmul_peak(size: int, dtype: jnp.dtype, repeats: int = 5) -> float:
-    """FLOP/s of the fastest of `repeats` size^3 matmuls."""
-    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
-    f = jax.jit(lambda x: matmul(x, x, dtype))
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * size**3 / best
 
 
 def main(_: list[str]) -> None:

@@ -55,6 +55,19 @@ def test_tpu_compile_benchmark_on_local_devices():
     assert _number(r"plain\s+compile\s+([\d.]+) s", done.stdout) > 0
 
 
+def test_gpu_check_runs_on_the_cpu():
+    """The device check on configs/tiny.py: it trains, probes every 5 steps and reports both steps."""
+    out = _run("benchmarks/gpu_check.py", "--config=configs/tiny.py", "--steps=11", "--peak_size=256")
+    assert "(3 steps)" in out  # steps 0, 5 and 10 were probed
+    assert _number(r"probed / plain\s+([\d.]+)x", out) > 1
+    assert _number(r"plain\s+[\d.]+ ms\s+([\d,]+) tokens/s", out) > 0
+    assert 0 < _number(r"probed\s+[\d.]+ ms\s+[\d,]+ tokens/s\s+MFU\s+([\d.]+) %", out) < 100
+    start, end = (
+        _number(pattern, out) for pattern in (r"loss\s+([\d.]+) at step 0", r", ([\d.]+) at step 11")
+    )
+    assert end < start  # it trains
+
+
 @pytest.fixture
 def run_copy(tiny_run, tmp_path):
     """A copy of the session's tiny run, for scripts that write into it."""

@@ -223,6 +223,7 @@ class Transformer(nn.Module):
                 variable_axes={"params": 0, "intermediates": 0, "grad_taps": 0, "dumps": 0},
                 split_rngs={"params": True, "probe": True},
                 length=c.num_layers,
+                unroll=c.num_layers if c.scan_unroll else 1,
             )
             x, _ = stack(c, self.probe, name=SCANNED)(x, None)
         else:

@@ -441,11 +441,11 @@ def test_uniform_sample_small_tensor_padded():
 
 @pytest.mark.parametrize("chunk", [96, 250, 1000])
 def test_chunked_passes_equal_one_pass(chunk):
-    """A tensor larger than `chunk` is read in column chunks (the last one overlapping the one before
-    when the width does not divide the columns): every statistic equals its one-pass value, the
-    counts exactly, and the float64 references."""
+    """A tensor larger than `chunk` is read in chunks along its longest axis after the first (the last
+    overlapping the one before when the width does not divide it): every statistic equals its
+    one-pass value, the counts exactly, and the float64 references."""
     x = heavy_tailed_data()[:1700].reshape(17, 100)  # with zeros, nan and inf
-    assert stats.chunking(17, 100, chunk)[1] > 1
+    assert stats.chunking((17, 100), chunk)[1] > 1
     settings = dict(groups=frozenset({"exp_hist", "lin_hist", "sample"}), exp_range=(EXP_MIN, EXP_MAX))
     settings |= dict(lin_bins=LIN_BINS, sample_size=SAMPLE)
     one = to_np(jax.jit(functools.partial(stats.summary, **settings))(x, np.uint32(0)))
@@ -472,7 +472,8 @@ def test_summary_of_a_tensor_beyond_int32_traces():
     )  # fmt: skip
     shapes = jax.eval_shape(summarize, x, np.uint32(0))
     assert shapes["exp_hist"].shape == (stats.exp_hist_bins(EXP_MIN, EXP_MAX),)
-    width, count = stats.chunking(512 * 16 * 1024, 1024)
+    assert stats.chunk_axis(x.shape) == 2  # queries: the first of the two longest after the batch
+    width, count = stats.chunking(x.shape)
     assert width * 512 * 16 * 1024 < 2**31 and width * count >= 1024
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from tdyn_jax.probes.energy import correlation, energy_stats, log_split, norms
 from tdyn_jax.probes.lowprec import lowprec_stats
 from tdyn_jax.probes.naming import SCANNED, unstacked
-from tdyn_jax.probes.outliers import outlier_metrics
+from tdyn_jax.probes.outliers import outlier_metrics, token_rows
 from tdyn_jax.probes.spec import ProbeSpec
 from tdyn_jax.probes.stats import random_indices, seed_of
 
@@ -153,18 +153,17 @@ def matmul(
     prefix = f"{name}/" if name else ""
     if spec.taps_only:
         return grad_tap(module, f"{prefix}out/grad", c) if spec.grads else c
-    a, w, c32 = (jax.lax.stop_gradient(t.astype(jnp.float32)) for t in (a, w, c))
+    a, w, out = (jax.lax.stop_gradient(t) for t in (a, w, c))  # as they are: no float32 copies
     seed = seed_of(module.make_rng("probe"))
     seeds = [seed + jnp.uint32(i) for i in range(5)]  # one per part: their samples differ
     grouped = w.ndim == 3
-    k, m = w.shape[-2:]
+    k = w.shape[-2]
     parts = {"in": spec.summary(a, seeds[0])} if with_input else {}
-    parts["out"] = spec.summary(c32, seeds[1])
-    flat_a = a.reshape(-1, k)
-    rows, stored = sample_rows(seed, flat_a.shape[0], spec.rows)
+    parts["out"] = spec.summary(out, seeds[1])
+    rows, stored = sample_rows(seed, a.size // k, spec.rows)
     group = rows // a.shape[-2] if grouped else None  # the group of each sampled row
     per_row = (lambda t: t[group]) if grouped else (lambda t: t)  # the W (or its norms) of each row
-    a_rows, w_rows = flat_a[rows], per_row(w)
+    a_rows, w_rows = token_rows(a, rows).astype(jnp.float32), per_row(w).astype(jnp.float32)
     if "energy" in spec.stats:
         u, v = norms(a, w)  # a.shape[:-1], (m,) or (g, m)
         log_only = frozenset({"exp_hist"})  # the norms' moments and dynamic range
@@ -173,8 +172,8 @@ def matmul(
             spec.summary(v, seeds[3], only=log_only),
         )
         parts["E"] = energy_stats(u, v) if grouped else energy_stats(u.reshape(1, -1), v[None])
-        e_rows = u.reshape(-1)[rows][:, None] * per_row(v)
-        c_rows = c32.reshape(-1, m)[rows]
+        e_rows = u[jnp.unravel_index(rows, u.shape)][:, None] * per_row(v)
+        c_rows = token_rows(out, rows).astype(jnp.float32)
         parts["R"] = spec.summary(correlation(c_rows, e_rows), seeds[4], lin_range=(-1.0, 1.0))
         parts["R"] |= log_split(c_rows, e_rows) | {"rows": stored}
     if "lowprec" in spec.stats:
@@ -186,10 +185,10 @@ def matmul(
     for part, stats in parts.items():
         _sow(module, prefix + part, stats)
     if spec.dumps(site):
-        tensors = {"A": a, "W": w, "C": c32}
+        tensors = {"A": a.astype(jnp.float32), "W": w.astype(jnp.float32), "C": out.astype(jnp.float32)}
         if "energy" in spec.stats:
             e = u[..., None] * (v[:, None, :] if grouped else v)
-            tensors |= {"E": e, "R": correlation(c32, e)}
+            tensors |= {"E": e, "R": correlation(out, e)}
         module.sow("dumps", f"{prefix}dump", tensors)
     return grad_tap(module, f"{prefix}out/grad", c) if spec.grads else c
 

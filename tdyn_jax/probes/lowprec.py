@@ -19,6 +19,7 @@ def scale(x: jax.Array, fmt: str, scaling: str, axis: int) -> jax.Array:
     if scaling == "none":
         return jnp.float32(1.0)
     amax = jnp.max(jnp.abs(x), axis=None if scaling == "tensor" else axis, keepdims=scaling != "tensor")
+    amax = amax.astype(jnp.float32)  # the max of x's own dtype is exact: no float32 copy of x
     return jnp.where(amax > 0, amax / top, 1.0)
 
 
@@ -123,7 +124,6 @@ def lowprec_stats(
     r{k}/rel_err rebuilds C as E_ij * Q_k(R_ij) (E exact: it is only the n + m norms), and for each f
     in e_frac_bits er/e{f}/r{k}/rel_err as log_quantize(E_ij, f) * Q_k(R_ij) (E in the log domain).
     """
-    a, w = a.astype(jnp.float32), w.astype(jnp.float32)
     a_rows, w_rows = a_rows.astype(jnp.float32), w_rows.astype(jnp.float32)
     exact = _rows_matmul(a_rows, w_rows)
     out = {}

@@ -39,8 +39,14 @@ def median(a: jax.Array) -> jax.Array:
     return (low + jnp.where(repeats, low, above)) / 2
 
 
+def token_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """x[..., :] at the flat token indices `rows` (into the leading axes): (len(rows), x.shape[-1]),
+    gathered without reshaping x."""
+    return x[jnp.unravel_index(rows, x.shape[:-1])]
+
+
 def outlier_metrics(x: jax.Array, topk: int, rows: jax.Array) -> dict[str, jax.Array]:
-    """Outlier metrics of x reshaped to (n tokens, d channels); the last axis is the channel axis.
+    """Outlier metrics of x (tokens..., d channels): the leading axes are tokens, the last the channels.
 
     `rows` (int, any length) are the tokens on which the two median-based metrics are estimated; the
     others use every token.
@@ -55,14 +61,15 @@ def outlier_metrics(x: jax.Array, topk: int, rows: jax.Array) -> dict[str, jax.A
       the tokens `rows`, largest first, with the channel j and the token i (row of the flattened tokens)
       of each.
     """
-    d = x.shape[-1]
-    a = jnp.abs(x.astype(jnp.float32).reshape(-1, d))
-    ms = jnp.mean(a * a, axis=0)
+    d, tokens_axes = x.shape[-1], tuple(range(x.ndim - 1))
+    a = jnp.abs(x.astype(jnp.float32))
+    ms = jnp.mean(a * a, axis=tokens_axes)
     kurt = jnp.mean(ms * ms) / jnp.mean(ms) ** 2
-    int8 = jnp.sum(jnp.mean(a >= 6.0, axis=0) >= 0.06).astype(jnp.float32)
-    _, tokens = jax.lax.top_k(jnp.max(a, axis=1), topk)  # no other token holds one of the topk values
-    top, flat = jax.lax.top_k(a[tokens].reshape(-1), topk)
-    sampled = a[rows]
+    int8 = jnp.sum(jnp.mean(a >= 6.0, axis=tokens_axes) >= 0.06).astype(jnp.float32)
+    row_max = jnp.max(a, axis=-1).reshape(-1)  # per token: small
+    _, tokens = jax.lax.top_k(row_max, topk)  # no other token holds one of the topk values
+    top, flat = jax.lax.top_k(token_rows(a, tokens).reshape(-1), topk)
+    sampled = token_rows(a, rows)
     return {
         "rms_kurtosis": kurt,
         "max_median_ratio": jnp.mean(jnp.max(sampled, axis=1) / median(sampled)),

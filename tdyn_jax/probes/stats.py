@@ -4,10 +4,11 @@ Every function here is pure `jax.numpy`, traceable inside a jitted step, and ret
 shapes depend only on the settings, never on the data. Non-finite values (nan, +-inf) are counted in
 `nonfinite` and left out of every other statistic.
 
-A tensor is read as a matrix (leading axis, the rest). One of more than `CHUNK` elements is read in
-chunks of columns, in a loop: each pass keeps its temporaries to one chunk, so the statistics of a
-tokens x vocabulary tensor need no copy of it, and a chunk (at most 2^31 elements) is counted exactly
-in int32. Slicing columns keeps the rows (the batch) split over devices as they are.
+A tensor of more than `CHUNK` elements is read in chunks (slices along its longest axis after the
+first), in a loop: each pass keeps its temporaries to one chunk, so the statistics of a tokens x
+vocabulary tensor need no copy of it, and a chunk (at most 2^31 elements) is counted exactly in int32.
+The tensor is neither reshaped nor converted as a whole (on a TPU either would copy it), and the first
+axis, the batch that may be split over devices, is never cut.
 """
 
 from __future__ import annotations
@@ -23,41 +24,47 @@ Sums = dict[str, jax.Array]
 _MIN, _MAX = ("min", "min_nonzero"), ("max",)  # the partial results not combined by addition
 
 
-def as_matrix(x: jax.Array) -> jax.Array:
-    """x as float32 (leading axis, everything else): the batch (the axis split over devices) stays
-    the rows, and a chunk of columns is contiguous in each row; a scalar or vector is one row."""
-    x = x.astype(jnp.float32)
-    return x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
+def chunk_axis(shape: tuple[int, ...]) -> int:
+    """The axis a large tensor is cut along: the longest after the first (the first is the batch, which
+    may be split over devices), or 0 for a vector."""
+    return 0 if len(shape) < 2 else 1 + int(np.argmax(shape[1:]))
 
 
-def chunking(rows: int, cols: int, chunk: int = CHUNK) -> tuple[int, int]:
-    """(width, count): the columns per chunk and the number of chunks of a (rows, cols) matrix."""
-    if rows * cols <= chunk:
-        return cols, 1
-    width = min(cols, max(1, chunk // rows))
-    return width, -(-cols // width)
+def chunking(shape: tuple[int, ...], chunk: int = CHUNK) -> tuple[int, int]:
+    """(width, count): the slices along `chunk_axis` per chunk and the number of chunks."""
+    size = int(np.prod(shape, dtype=np.int64))
+    if size <= chunk:
+        return (shape[chunk_axis(shape)] if shape else 1), 1
+    length = shape[chunk_axis(shape)]
+    width = min(length, max(1, chunk // (size // length)))
+    return width, -(-length // width)
 
 
-def over_chunks(m: jax.Array, part: Callable[[jax.Array, jax.Array], Sums], chunk: int = CHUNK) -> Sums:
-    """`part(columns, fresh)` over the column chunks of m, combined: min, max and min_nonzero by min
-    and max, everything else by addition. `fresh` (1, width) marks the columns no earlier chunk held
-    (the last chunk is shifted left to fit and overlaps the one before)."""
-    rows, cols = m.shape
-    width, count = chunking(rows, cols, chunk)
+def over_chunks(x: jax.Array, part: Callable[[jax.Array, jax.Array], Sums], chunk: int = CHUNK) -> Sums:
+    """`part(piece, fresh)` over the chunks of x along `chunk_axis`, combined: min, max and
+    min_nonzero by min and max, everything else by addition. `fresh` (broadcastable to the piece)
+    marks the slices no earlier chunk held (the last chunk is shifted back to fit and overlaps the one
+    before). x is sliced as it is, in its own dtype and shape: no reshaped or converted copy of it."""
+    x = x.reshape(1) if x.ndim == 0 else x
+    axis = chunk_axis(x.shape)
+    width, count = chunking(x.shape, chunk)
+    mask_shape = [1] * x.ndim
+    mask_shape[axis] = width
     if count == 1:
-        return part(m, jnp.ones((1, cols), bool))
+        return part(x, jnp.ones(mask_shape, bool))
+    length = x.shape[axis]
 
     def combine(acc: Sums, new: Sums) -> Sums:
         pick = lambda k: jnp.minimum if k in _MIN else jnp.maximum if k in _MAX else jnp.add
         return {k: pick(k)(acc[k], new[k]) for k in acc}
 
     def body(i: jax.Array, acc: Sums) -> Sums:
-        start = jnp.minimum(i * width, cols - width)
-        columns = jax.lax.dynamic_slice_in_dim(m, start, width, axis=1)
-        fresh = (start + jnp.arange(width) >= i * width)[None, :]
-        return combine(acc, part(columns, fresh))
+        start = jnp.minimum(i * width, length - width)
+        piece = jax.lax.dynamic_slice_in_dim(x, start, width, axis=axis)
+        fresh = (start + jnp.arange(width) >= i * width).reshape(mask_shape)
+        return combine(acc, part(piece, fresh))
 
-    first = part(m[:, :width], jnp.ones((1, width), bool))
+    first = part(jax.lax.slice_in_dim(x, 0, width, axis=axis), jnp.ones(mask_shape, bool))
     return jax.lax.fori_loop(1, count, body, first)
 
 
@@ -74,7 +81,8 @@ def bincount(idx: jax.Array, length: int) -> jax.Array:
 
 
 def _first_pass(x: jax.Array, fresh: jax.Array) -> Sums:
-    """Sums and extremes of a chunk's finite values (the columns marked fresh)."""
+    """Sums and extremes of a chunk's finite values (the slices marked fresh)."""
+    x = x.astype(jnp.float32)
     finite = jnp.isfinite(x) & fresh
     absx = jnp.where(finite, jnp.abs(x), 0.0)
     return {
@@ -89,6 +97,7 @@ def _first_pass(x: jax.Array, fresh: jax.Array) -> Sums:
 
 def _central_sums(x: jax.Array, fresh: jax.Array, mean: jax.Array) -> Sums:
     """sum(d^k), k = 2, 3, 4, with d = x - mean over a chunk's finite values."""
+    x = x.astype(jnp.float32)
     d = jnp.where(jnp.isfinite(x) & fresh, x - mean, 0.0)
     d2 = d * d
     return {"d2": jnp.sum(d2), "d3": jnp.sum(d2 * d), "d4": jnp.sum(d2 * d2)}
@@ -127,11 +136,10 @@ def moments(x: jax.Array, chunk: int = CHUNK) -> dict[str, jax.Array]:
       count = number of elements;  nonfinite = #(x is nan or inf). Counts are exact int32 per chunk,
       added in float32 (exact below 2^24, correctly rounded above).
     """
-    m = as_matrix(x)
-    first = over_chunks(m, _first_pass, chunk)
+    first = over_chunks(x, _first_pass, chunk)
     mean = first["sum"] / first["n"]
-    central = over_chunks(m, lambda c, f: _central_sums(c, f, mean), chunk)
-    return _moments(first, central, m.size)
+    central = over_chunks(x, lambda c, f: _central_sums(c, f, mean), chunk)
+    return _moments(first, central, x.size)
 
 
 def exp_hist_bins(exp_min: int, exp_max: int) -> int:
@@ -148,7 +156,7 @@ def exp_hist_labels(exp_min: int, exp_max: int) -> np.ndarray:
 
 
 def exp_bin(x: jax.Array, exp_min: int, exp_max: int) -> jax.Array:
-    """The `exp_histogram` bin of each element of x (float32, flat); `exp_hist_bins` for non-finite x.
+    """The `exp_histogram` bin of each element of x (float32); `exp_hist_bins` for non-finite x.
 
     A finite nonzero x falls in the bin of its sign and of e = clip(floor(log2 |x|), exp_min-1,
     exp_max); x == 0 in the middle bin. e is read from the exponent bits (subnormals, whose exponent
@@ -166,7 +174,7 @@ def exp_bin(x: jax.Array, exp_min: int, exp_max: int) -> jax.Array:
 def exp_histogram(x: jax.Array, exp_min: int, exp_max: int, chunk: int = CHUNK) -> jax.Array:
     """Signed log2 histogram with edges fixed for the whole run (see `exp_hist_labels` and `exp_bin`);
     non-finite values are not counted. Counts are exact (see `moments`) as float32."""
-    return _histograms(as_matrix(x), (exp_min, exp_max), None, chunk)["exp_hist"]
+    return _histograms(x, (exp_min, exp_max), None, chunk)["exp_hist"]
 
 
 def linear_range(lo: jax.Array | float, hi: jax.Array | float) -> tuple[jax.Array, jax.Array]:
@@ -183,7 +191,7 @@ def linear_range(lo: jax.Array | float, hi: jax.Array | float) -> tuple[jax.Arra
 
 
 def linear_bin(x: jax.Array, lo: jax.Array, hi: jax.Array, bins: int) -> jax.Array:
-    """The bin of each element of x (float32, flat) among `bins` equal bins on [lo, hi]: x in [lo, hi]
+    """The bin of each element of x (float32) among `bins` equal bins on [lo, hi]: x in [lo, hi]
     goes to min(floor((x - lo) * s), bins - 1) with s = bins / (hi - lo), computed in float32 (each
     operation rounded, as numpy's float32 arithmetic does); `bins` (dropped) for x outside [lo, hi]
     or non-finite. The bins are intervals that begin at the nominal edges lo + k (hi - lo) / bins up to
@@ -203,12 +211,11 @@ def linear_histogram(
     """(counts, edges): `bins` equal bins on [lo, hi] (default: the finite min and max of x; see
     `linear_range` and `linear_bin`) and their nominal edges; values outside [lo, hi] and non-finite
     values are not counted."""
-    m = as_matrix(x)
     if lo is None or hi is None:
-        first = over_chunks(m, _first_pass, chunk)
+        first = over_chunks(x, _first_pass, chunk)
         lo, hi = first["min"] if lo is None else lo, first["max"] if hi is None else hi
     lo, hi = linear_range(lo, hi)
-    counts = _histograms(m, None, (lo, hi, bins), chunk)["lin_hist"]
+    counts = _histograms(x, None, (lo, hi, bins), chunk)["lin_hist"]
     return counts, jnp.linspace(lo, hi, bins + 1, dtype=jnp.float32)
 
 
@@ -218,7 +225,8 @@ Linear = tuple[jax.Array, jax.Array, int]  # lo, hi, bins
 def _hist_part(x: jax.Array, fresh: jax.Array, exp_range: tuple[int, int] | None, lin: Linear | None) -> Sums:
     """The histogram counts of one chunk. With both histograms: one index per element, exp_bin *
     (bins + 1) + lin_bin, and one scatter into the joint counts, whose margins they are."""
-    keep = lambda idx, length: jnp.where(fresh, idx, length)  # columns held by an earlier chunk
+    x = x.astype(jnp.float32)
+    keep = lambda idx, length: jnp.where(fresh, idx, length)  # slices held by an earlier chunk
     if exp_range is None:
         return {"lin_hist": bincount(keep(linear_bin(x, *lin), lin[2]), lin[2])}
     exp_bins = exp_hist_bins(*exp_range)
@@ -231,8 +239,8 @@ def _hist_part(x: jax.Array, fresh: jax.Array, exp_range: tuple[int, int] | None
     return {"exp_hist": jnp.sum(joint[:exp_bins], axis=1), "lin_hist": jnp.sum(joint[:, :bins], axis=0)}
 
 
-def _histograms(m: jax.Array, exp_range: tuple[int, int] | None, lin: Linear | None, chunk: int) -> Sums:
-    return over_chunks(m, lambda c, f: _hist_part(c, f, exp_range, lin), chunk)
+def _histograms(x: jax.Array, exp_range: tuple[int, int] | None, lin: Linear | None, chunk: int) -> Sums:
+    return over_chunks(x, lambda c, f: _hist_part(c, f, exp_range, lin), chunk)
 
 
 def seed_of(key: jax.Array) -> jax.Array:
@@ -260,14 +268,14 @@ def random_indices(seed: jax.Array, size: int, n: int, stream: int = 0) -> jax.A
 
 
 def uniform_sample(x: jax.Array, seed: jax.Array, size: int) -> jax.Array:
-    """`size` raw values of x drawn uniformly with replacement (a row, then a column of its matrix, so
-    no index exceeds int32) from the uint32 `seed`; when x has at most `size` elements, all of them in
-    order, padded with nan."""
-    m = as_matrix(x)
-    if m.size <= size:
-        return jnp.concatenate([m.reshape(-1), jnp.full((size - m.size,), jnp.nan, jnp.float32)])
-    rows = random_indices(seed, size, m.shape[0], stream=1)
-    return m[rows, random_indices(seed, size, m.shape[1], stream=2)]
+    """`size` raw values of x drawn uniformly with replacement (one index per axis, so no index exceeds
+    int32 and x is not reshaped) from the uint32 `seed`; when x has at most `size` elements, all of
+    them in order, padded with nan."""
+    if x.size <= size:
+        flat = x.astype(jnp.float32).reshape(-1)
+        return jnp.concatenate([flat, jnp.full((size - x.size,), jnp.nan, jnp.float32)])
+    index = tuple(random_indices(seed, size, n, stream=1 + axis) for axis, n in enumerate(x.shape))
+    return x[index].astype(jnp.float32)
 
 
 def summary(
@@ -284,8 +292,7 @@ def summary(
     """`moments(x)` plus the groups asked for: exp_hist, lin_hist (+ lin_edges), sample; in two passes
     over x (chunked, see `over_chunks`): sums and extremes, then the central sums with the histograms
     (the linear histogram's range is the finite min and max of the first pass, or `lin_range`)."""
-    m = as_matrix(x)
-    first = over_chunks(m, _first_pass, chunk)
+    first = over_chunks(x, _first_pass, chunk)
     mean = first["sum"] / first["n"]
     exp = exp_range if "exp_hist" in groups else None
     lin = None
@@ -297,11 +304,11 @@ def summary(
         hists = _hist_part(c, fresh, exp, lin) if exp or lin else {}
         return _central_sums(c, fresh, mean) | hists
 
-    sums = over_chunks(m, second, chunk)
-    out = _moments(first, sums, m.size)
+    sums = over_chunks(x, second, chunk)
+    out = _moments(first, sums, x.size)
     out |= {k: sums[k] for k in ("exp_hist", "lin_hist") if k in sums}
     if lin:
         out["lin_edges"] = jnp.linspace(lin[0], lin[1], lin_bins + 1, dtype=jnp.float32)
     if "sample" in groups:
-        out["sample"] = uniform_sample(m, seed, sample_size)
+        out["sample"] = uniform_sample(x, seed, sample_size)
     return out

@@ -25,13 +25,14 @@ def _batch(cfg):
 
 
 def _step_both(cfg, devices):
-    """(plain new state, probed new state, {statistic: (sites, ...)}, index) from the same state."""
+    """(plain new state, probed new state, {statistic: (sites, ...)}, index, the state before) from the
+    same state."""
     mesh = sharding.make_mesh(cfg, devices)
     program = build(cfg, mesh)
     batch = sharding.global_batch(_batch(cfg), mesh)
     plain, _ = program.train_step(program.init(), batch)
     probed, _, captured, _ = program.probe_step(program.init(), batch)
-    return plain, probed, jax.device_get(captured), program.probe_index
+    return plain, probed, jax.device_get(captured), program.probe_index, jax.device_get(program.init())
 
 
 @pytest.mark.parametrize(
@@ -40,7 +41,7 @@ def _step_both(cfg, devices):
 def test_probed_step_gives_the_same_parameters_as_the_plain_step(scan, remat, optim):
     cfg = tiny.get_config()
     cfg.model.scan_layers, cfg.model.remat, cfg.optim.name = scan, remat, optim
-    plain, probed, captured, index = _step_both(cfg, jax.devices()[:1])
+    plain, probed, captured, index, before = _step_both(cfg, jax.devices()[:1])
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(probed), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     sites = set(index["mean"])
@@ -56,13 +57,28 @@ def test_probed_step_gives_the_same_parameters_as_the_plain_step(scan, remat, op
     i = index["count"].index("layer_01/resid/out")
     assert captured["count"][i] == cfg.data.batch_size * cfg.data.seq_len * cfg.model.d_model
     assert captured["exp_hist"][i].sum() == captured["count"][i]
+    # parameter statistics (a scanned stack is summarised in place): the kernel before the step, and
+    # the update = new - old, against float64 numpy
+    layer = (
+        (lambda t: t["layers"]["attn"]["q"]["kernel"][1])
+        if scan
+        else (lambda t: t["layer_01"]["attn"]["q"]["kernel"])
+    )
+    old, new = np.asarray(layer(before.params), np.float64), np.asarray(layer(plain.params), np.float64)
+    for prefix, x in (("params", old), ("updates", new - old)):
+        site = f"{prefix}/layer_01/attn/q/kernel"
+        value = lambda stat, site=site: captured[stat][index[stat].index(site)]
+        kurtosis = scipy.stats.kurtosis(x, axis=None)
+        for stat, want in (("mean", x.mean()), ("std", x.std()), ("kurtosis", kurtosis)):
+            np.testing.assert_allclose(value(stat), want, rtol=1e-3, atol=1e-9, err_msg=(prefix, stat))
+        assert value("count") == x.size
 
 
 def test_sharded_capture_matches_one_device():
     cfg = tiny.get_config()  # as in test_probed_step_gives_the_same_parameters...[scan]: a cache hit
-    _, _, captured_one, index = _step_both(cfg, jax.devices()[:1])
+    _, _, captured_one, index, _ = _step_both(cfg, jax.devices()[:1])
     cfg.mesh.fsdp = 2  # 4 (data) x 2 (fsdp): statistics must be global, not per shard
-    _, _, captured_eight, index_eight = _step_both(cfg, jax.devices()[:8])
+    _, _, captured_eight, index_eight, _ = _step_both(cfg, jax.devices()[:8])
     assert index == index_eight
     for stat, a in captured_one.items():
         b = captured_eight[stat]

@@ -218,31 +218,30 @@ def sites(tree: dict) -> Blocks:
 
 def tree_stats(spec: ProbeSpec, trees: dict[str, Any], seed: jax.Array) -> Blocks:
     """Statistics of every leaf of parameter-shaped trees {prefix: tree} (params, grads, updates,
-    second moment), one site <prefix>/<Flax path> per leaf and layer (scanned stacks are split).
+    second moment), one site <prefix>/<Flax path> per leaf and layer.
 
-    Leaves of equal shape are stacked and summarised by one vmapped computation, so the compiled
-    step holds one copy of the statistics per distinct shape rather than one per leaf.
+    A scanned stack (layer, ...) is summarised by one computation vmapped over its layer axis, in
+    place; the other leaves of equal shape are stacked and vmapped together, so the compiled step holds
+    one copy of the statistics per distinct shape rather than one per leaf, and no copy of a scanned
+    (large) parameter.
     """
-    leaves: dict[str, jax.Array] = {}
+    stacks: dict[tuple[str, ...], jax.Array] = {}
+    by_shape: dict[tuple, dict[str, jax.Array]] = {}
     for prefix, tree in trees.items():
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            names = tuple(str(getattr(p, "key", p)) for p in path)
-            site = "/".join((prefix, *names))
-            if not spec.wants(site):
+            names = (prefix, *(str(getattr(p, "key", p)) for p in path))
+            if not spec.wants("/".join(names)):
                 continue
             leaf = jax.lax.stop_gradient(leaf)
             if SCANNED in names:
-                for layer, name in enumerate(unstacked((prefix, *names), leaf.shape[0])):
-                    leaves[name] = leaf[layer]
+                stacks[unstacked(names, leaf.shape[0])] = leaf
             else:
-                leaves[site] = leaf
-    by_shape: dict[tuple, list[str]] = {}
-    for site, leaf in leaves.items():
-        by_shape.setdefault((leaf.shape, leaf.dtype), []).append(site)
+                by_shape.setdefault((leaf.shape, leaf.dtype), {})["/".join(names)] = leaf
+    stacks |= {tuple(group): jnp.stack(list(group.values())) for group in by_shape.values()}
     out = {}
-    for g, group in enumerate(by_shape.values()):
-        seeds = seed + jnp.uint32(1000 * g) + jnp.arange(len(group), dtype=jnp.uint32)
-        out[tuple(group)] = jax.vmap(spec.summary)(jnp.stack([leaves[s] for s in group]), seeds)
+    for g, (sites, stack) in enumerate(stacks.items()):
+        seeds = seed + jnp.uint32(1000 * g) + jnp.arange(len(sites), dtype=jnp.uint32)
+        out[sites] = jax.vmap(spec.summary)(stack, seeds)
     return out
 
 

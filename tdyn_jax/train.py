@@ -256,7 +256,7 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Program:
         )
         return jitted, capture.pack_index(blocks), capture.dump_names(dumped)
 
-    spec = ProbeSpec.from_config(cfg.probes)
+    spec = ProbeSpec.from_config(cfg.probes).for_platform(mesh.devices.flat[0].platform)
     probe_step, index, _ = jit_probed(spec)
     captured = {layer_free(site) for sites in index.values() for site in sites}
     _check_patterns("probes.sites", cfg.probes.sites, captured, prefixes=True)

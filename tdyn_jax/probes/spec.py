@@ -9,7 +9,7 @@ import jax
 import ml_collections
 
 from tdyn_jax.probes.naming import layer_free
-from tdyn_jax.probes.stats import summary
+from tdyn_jax.probes.stats import ACCELERATOR_CHUNK, CHUNK, summary
 
 GROUPS = ("exp_hist", "lin_hist", "sample", "outliers", "energy", "lowprec")
 # Statistics estimated on `probes.rows` sampled rows (tokens) of their tensor, the rows being stored
@@ -43,16 +43,23 @@ class ProbeSpec:
     scalings: tuple[str, ...]
     r_bits: tuple[int, ...]
     e_frac_bits: tuple[int, ...]
+    chunk: int = CHUNK  # elements per chunk of a large tensor (see `stats`; `for_platform` sets it)
     dump_sites: tuple[str, ...] = ()  # set only in the step variant that runs on probes.dump_steps
     taps_only: bool = False  # only create the grad taps (the pass that learns their shapes)
 
     @classmethod
     def from_config(cls, probes: ml_collections.ConfigDict) -> ProbeSpec:
         """The spec of `cfg.probes` (without dumps; see `with_dumps`)."""
-        fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("dump_sites", "taps_only")]
+        fields = [
+            f.name for f in dataclasses.fields(cls) if f.name not in ("chunk", "dump_sites", "taps_only")
+        ]
         values = {name: probes[name] for name in fields}
         values = {k: tuple(v) if isinstance(v, tuple | list) else v for k, v in values.items()}
         return cls(**values | {"stats": frozenset(values["stats"])})
+
+    def for_platform(self, platform: str) -> ProbeSpec:
+        """The same spec with the chunk size of statistics on devices of `platform` (cpu, gpu, tpu)."""
+        return dataclasses.replace(self, chunk=CHUNK if platform == "cpu" else ACCELERATOR_CHUNK)
 
     def with_dumps(self, dump_sites: tuple[str, ...]) -> ProbeSpec:
         """The same spec that also returns the full tensors of the sites matching `dump_sites`."""
@@ -88,4 +95,5 @@ class ProbeSpec:
             lin_bins=self.lin_bins,
             sample_size=self.sample_size,
             lin_range=lin_range,
+            chunk=self.chunk,
         )

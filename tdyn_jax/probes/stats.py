@@ -4,11 +4,12 @@ Every function here is pure `jax.numpy`, traceable inside a jitted step, and ret
 shapes depend only on the settings, never on the data. Non-finite values (nan, +-inf) are counted in
 `nonfinite` and left out of every other statistic.
 
-A tensor of more than `CHUNK` elements is read in chunks (slices along its longest axis after the
-first), in a loop: each pass keeps its temporaries to one chunk, so the statistics of a tokens x
-vocabulary tensor need no copy of it, and a chunk (at most 2^31 elements) is counted exactly in int32.
-The tensor is neither reshaped nor converted as a whole (on a TPU either would copy it), and the first
-axis, the batch that may be split over devices, is never cut.
+A tensor of more than `chunk` elements (`CHUNK` on a CPU, `ACCELERATOR_CHUNK` elsewhere) is read in
+chunks (slices along its longest axis after the first), in a loop: on a CPU, where every reduction
+of an expression first writes the expression out, each pass keeps its temporaries to one chunk, so
+the statistics of a tokens x vocabulary tensor need no copy of it; everywhere a chunk (at most 2^31
+elements) is counted exactly in int32. The tensor is neither reshaped nor converted as a whole (on a
+TPU either would copy it), and the first axis, the batch that may be split over devices, is never cut.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CHUNK = 2**22  # elements per chunk of a large tensor's pass (16 MiB of float32)
+CHUNK = 2**22  # elements per chunk of a large tensor's pass on a CPU (16 MiB of float32)
+ACCELERATOR_CHUNK = 2**30  # on a GPU or TPU, whose fusions reduce a tensor without copying it, chunks
+# only keep the int32 counts exact: a loop over chunks would make the compiler copy its operand
 Sums = dict[str, jax.Array]
 _MIN, _MAX = ("min", "min_nonzero"), ("max",)  # the partial results not combined by addition
 

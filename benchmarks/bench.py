@@ -15,7 +15,9 @@ from jax.sharding import Mesh
 
 from tdyn_jax import data as data_lib
 from tdyn_jax import sharding
+from tdyn_jax.config import validate
 from tdyn_jax.model import matmul
+from tdyn_jax.train import Program, build
 
 
 def random_batches(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
@@ -25,6 +27,19 @@ def random_batches(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Iterator[dict[
     batches = data_lib.Batches(tokens.astype(np.uint32), cfg.data.seq_len, cfg.data.batch_size, 0)
     while True:
         yield sharding.global_batch(next(batches), mesh)
+
+
+def probed_program(
+    cfg: ml_collections.ConfigDict, devices: list | None = None
+) -> tuple[Mesh, Program, float]:
+    """(mesh, program, seconds to build it) of `cfg` with capture on, over `devices` (default: all)."""
+    cfg.probes.enabled = True
+    devices = jax.devices() if devices is None else devices
+    validate(cfg, len(devices))
+    mesh = sharding.make_mesh(cfg, devices)
+    start = time.perf_counter()
+    program = build(cfg, mesh)  # traces the probed step (its statistics index comes from the trace)
+    return mesh, program, time.perf_counter() - start
 
 
 def memory_bytes(compiled: jax.stages.Compiled) -> tuple[int, int]:

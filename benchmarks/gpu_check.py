@@ -16,13 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from bench import flops_per_token, matmul_peak, memory_bytes, timed_compile
+from bench import flops_per_token, matmul_peak, memory_bytes, probed_program, timed_compile
 from ml_collections import config_flags
 
 from tdyn_jax import data as data_lib
 from tdyn_jax import sharding
-from tdyn_jax.config import validate
-from tdyn_jax.train import build, is_capture_step
+from tdyn_jax.train import is_capture_step
 
 config_flags.DEFINE_config_file("config", "configs/gpu_125m.py", "Config file.")
 flags.DEFINE_integer("steps", 300, "Steps to train (probed at step 0 and every probes.every).")
@@ -33,10 +32,7 @@ GIB = 2**30
 
 def main(_: list[str]) -> None:
     cfg = flags.FLAGS.config
-    cfg.probes.enabled = True
-    validate(cfg, jax.device_count())
-    mesh = sharding.make_mesh(cfg)
-    program = build(cfg, mesh)
+    mesh, program, _ = probed_program(cfg)
     train_tokens, _ = data_lib.load_splits(cfg.data, cfg.model.vocab_size)
     corpus = data_lib.Batches(train_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.seed)
     batches = (sharding.global_batch(next(corpus), mesh) for _ in iter(int, 1))

@@ -15,13 +15,10 @@ from pathlib import Path
 
 import jax
 from absl import app, flags
-from bench import interleaved, memory_bytes, random_batches, timed_compile
+from bench import interleaved, memory_bytes, probed_program, random_batches, timed_compile
 from ml_collections import config_flags
 
-from tdyn_jax import sharding
-from tdyn_jax.config import validate
 from tdyn_jax.probe_store import ProbeStore
-from tdyn_jax.train import build
 
 config_flags.DEFINE_config_file("config", "configs/small.py", "Config file.")
 flags.DEFINE_integer("rounds", 10, "Timed rounds of (plain, probed) after one warm-up round.")
@@ -31,12 +28,7 @@ MIB = 2**20
 
 def main(_: list[str]) -> None:
     cfg = flags.FLAGS.config
-    cfg.probes.enabled = True
-    validate(cfg, jax.device_count())
-    mesh = sharding.make_mesh(cfg)
-    start = time.perf_counter()
-    program = build(cfg, mesh)  # traces the probed step (its statistics index comes from the trace)
-    build_s = time.perf_counter() - start
+    mesh, program, build_s = probed_program(cfg)
     batches = random_batches(cfg, mesh)
     state = program.init()
     batch = next(batches)

@@ -14,13 +14,11 @@ import time
 
 import jax
 from absl import app, flags
-from bench import memory_bytes
+from bench import memory_bytes, probed_program
 from jax.experimental import topologies
 from ml_collections import config_flags
 
-from tdyn_jax import sharding
-from tdyn_jax.config import validate
-from tdyn_jax.train import batch_shapes, build
+from tdyn_jax.train import batch_shapes
 
 config_flags.DEFINE_config_file("config", "configs/tpu_v5e_64.py", "Config file.")
 flags.DEFINE_string(
@@ -37,11 +35,7 @@ def main(_: list[str]) -> None:
     cfg = flags.FLAGS.config
     topology = flags.FLAGS.topology
     devices = jax.devices() if topology == "local" else topologies.get_topology_desc(topology, "tpu").devices
-    validate(cfg, len(devices))
-    mesh = sharding.make_mesh(cfg, devices)
-    start = time.perf_counter()
-    program = build(cfg, mesh)
-    build_s = time.perf_counter() - start
+    mesh, program, build_s = probed_program(cfg, devices)
     batch = batch_shapes(cfg, mesh)
     steps = {"plain": program.train_step, "probed": program.probe_step}
     results = {}

@@ -13,6 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from tdyn_jax.probes.stats import count
+
 
 def norms(a: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(u, v): the L2 norms of the rows of a (g, n) and of the columns of w (g, m)."""
@@ -78,7 +80,7 @@ def log_split(c: jax.Array, e: jax.Array) -> dict[str, jax.Array]:
     """
     c = c.astype(jnp.float32)
     ok = (c != 0) & jnp.isfinite(c) & (e > 0)
-    n = jnp.sum(ok, dtype=jnp.int32).astype(jnp.float32)
+    n = count(ok)
     log_c = jnp.log2(jnp.where(ok, jnp.abs(c), 1.0))
     log_e = jnp.log2(jnp.where(ok, e, 1.0))
     log_r = log_c - log_e

@@ -18,7 +18,7 @@ def kth_smallest(a: jax.Array, k: int) -> jax.Array:
     def halve(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         lo, hi = bounds
         mid = lo + (hi - lo) // 2
-        enough = jnp.sum(bits <= mid[..., None], axis=-1) >= k + 1
+        enough = jnp.sum(bits <= mid[..., None], axis=-1, dtype=jnp.float32) >= k + 1  # exact: < 2^24
         return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
     start = (jnp.zeros(shape, jnp.int32), jnp.full(shape, 0x7F800000, jnp.int32))
@@ -34,7 +34,7 @@ def median(a: jax.Array) -> jax.Array:
     if n % 2:
         return low
     # the upper middle value: `low` again if it repeats past the middle, else the next larger value
-    repeats = jnp.sum(a <= low[..., None], axis=-1) >= n // 2 + 1
+    repeats = jnp.sum(a <= low[..., None], axis=-1, dtype=jnp.float32) >= n // 2 + 1
     above = jnp.min(jnp.where(a > low[..., None], a, jnp.inf), axis=-1)
     return (low + jnp.where(repeats, low, above)) / 2
 

@@ -20,13 +20,19 @@ from tdyn_jax.model import matmul
 from tdyn_jax.train import Program, build
 
 
+def global_batches(batches: data_lib.Batches, mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
+    """The batches as global arrays on `mesh`, without end."""
+    while True:
+        yield sharding.global_batch(next(batches), mesh)
+
+
 def random_batches(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
     """Global batches of uniformly random tokens over the whole vocabulary (no corpus to load)."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.model.vocab_size, 64 * cfg.data.seq_len * cfg.data.batch_size)
-    batches = data_lib.Batches(tokens.astype(np.uint32), cfg.data.seq_len, cfg.data.batch_size, 0)
-    while True:
-        yield sharding.global_batch(next(batches), mesh)
+    return global_batches(
+        data_lib.Batches(tokens.astype(np.uint32), cfg.data.seq_len, cfg.data.batch_size, 0), mesh
+    )
 
 
 def probed_program(

@@ -16,11 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from bench import flops_per_token, matmul_peak, memory_bytes, probed_program, timed_compile
+from bench import flops_per_token, global_batches, matmul_peak, memory_bytes, probed_program, timed_compile
 from ml_collections import config_flags
 
 from tdyn_jax import data as data_lib
-from tdyn_jax import sharding
 from tdyn_jax.train import is_capture_step
 
 config_flags.DEFINE_config_file("config", "configs/gpu_125m.py", "Config file.")
@@ -34,8 +33,9 @@ def main(_: list[str]) -> None:
     cfg = flags.FLAGS.config
     mesh, program, _ = probed_program(cfg)
     train_tokens, _ = data_lib.load_splits(cfg.data, cfg.model.vocab_size)
-    corpus = data_lib.Batches(train_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.seed)
-    batches = (sharding.global_batch(next(corpus), mesh) for _ in iter(int, 1))
+    batches = global_batches(
+        data_lib.Batches(train_tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.seed), mesh
+    )
     state = program.init()
     plain, _, plain_s = timed_compile(program.train_step, state, next(batches))
     probed, _, probed_s = timed_compile(program.probe_step, state, next(batches))

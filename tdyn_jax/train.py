@@ -323,11 +323,11 @@ def restore_or_init(
 
 
 def take_step(
-    program: Program, cfg: ml_collections.ConfigDict, workdir: Path, state: TrainState, batch: dict
+    program: Program, cfg: ml_collections.ConfigDict, workdir: Path, step: int, state: TrainState, batch: dict
 ):
-    """One train step: the probed one on capture steps (writing dumps on dump steps), else the plain
-    one. Returns (new state, metrics, {statistic: (sites, ...)} or None)."""
-    step = int(state.step)
+    """Step `step` (the state's, passed in so that the host never waits for the devices here): the
+    probed step on capture steps (writing dumps on dump steps), else the plain one. Returns (new
+    state, metrics, {statistic: (sites, ...)} or None)."""
     if not (program.probe_step and is_capture_step(cfg.probes, step)):
         return *program.train_step(state, batch), None
     dump = step in cfg.probes.dump_steps
@@ -381,9 +381,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
     interval, last = Interval(start, batch_size * seq), {}
     try:
         for step in range(start, cfg.train.num_steps):
-            state, metrics, captured = take_step(
-                program, cfg, workdir, state, sharding.global_batch(next(batches), mesh)
-            )
+            batch = sharding.global_batch(next(batches), mesh)
+            state, metrics, captured = take_step(program, cfg, workdir, step, state, batch)
             if captured is not None:
                 captures.append((step, captured))
             done = step + 1

@@ -32,7 +32,7 @@ def test_throughput_benchmark():
 
 def test_probe_overhead_benchmark():
     out = _run("benchmarks/probe_overhead.py", "--config=configs/tiny.py", "--rounds=2")
-    assert _number(r"probed / plain\s+([\d.]+)x", out) > 1
+    assert _number(r"probed / plain\s+([\d.]+)x", out) > 0  # a ratio was printed (timings: not asserted)
     assert _number(r"memory \(XLA plan\).*: ([\d.]+)x", out) > 0.5
     assert _number(r"one capture on disk\s+([\d.]+) MiB", out) > 0
 
@@ -59,7 +59,7 @@ def test_gpu_check_runs_on_the_cpu():
     """The device check on configs/tiny.py: it trains, probes every 5 steps and reports both steps."""
     out = _run("benchmarks/gpu_check.py", "--config=configs/tiny.py", "--steps=11", "--peak_size=256")
     assert "(3 steps)" in out  # steps 0, 5 and 10 were probed
-    assert _number(r"probed / plain\s+([\d.]+)x", out) > 1
+    assert _number(r"probed / plain\s+([\d.]+)x", out) > 0  # a ratio was printed (timings: not asserted)
     assert _number(r"plain\s+[\d.]+ ms\s+([\d,]+) tokens/s", out) > 0
     assert 0 < _number(r"probed\s+[\d.]+ ms\s+[\d,]+ tokens/s\s+MFU\s+([\d.]+) %", out) < 100
     start, end = (

@@ -87,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     p.r_bits = (4, 8)  # uniform bits of R in the E/R format
     p.e_frac_bits = (0, 3)  # fractional bits of log2 E in the E/R format (0: E as a power of two)
     p.rows = 256  # rows (tokens) per site for the sampled statistics: R, log split, low precision, medians
+    p.cols = 256  # columns of a matmul's output per site for R, the log split and low precision
     p.dump_steps = ()  # steps at which the full tensors of dump_sites are written to WORKDIR/dumps
     p.dump_sites = ()  # sites to dump (patterns with the layer): "layer_01/mlp/up", "*/resid/out"
 

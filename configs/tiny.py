@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.probes.formats = ("e4m3", "e5m2")
     c.probes.sample_size = 64
     c.probes.rows = 64  # of 256 tokens: the sampled statistics really sample
+    c.probes.cols = 48  # of the 64 columns of mlp/up
     c.analysis.report = False  # the report has tests of its own
     c.analysis.kinds = ("resid/out",)
     return c

@@ -30,7 +30,7 @@ POSITIVE_INTS = (
     "model.max_len", "data.seq_len", "data.batch_size", "data.synthetic_size", "train.num_steps",
     "train.log_every", "train.eval_every", "train.eval_batches", "checkpoint.every",
     "checkpoint.keep", "mesh.fsdp", "probes.every", "probes.sample_size", "probes.lin_bins", "probes.topk",
-    "probes.rows", "analysis.workers",
+    "probes.rows", "probes.cols", "analysis.workers",
 )  # fmt: skip
 # Tuple fields and the values each element may take (None: any non-negative int, str: any string).
 SUBSETS = {

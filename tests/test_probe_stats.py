@@ -195,14 +195,20 @@ norms = jax.jit(energy.norms)
 correlation = jax.jit(energy.correlation)
 energy_stats = jax.jit(energy.energy_stats)
 log_split = jax.jit(energy.log_split)
-quantize = jax.jit(lowprec.quantize, static_argnums=1)
+quantize = jax.jit(lambda x, fmt, s: lowprec.quantize(x, fmt, s)[0], static_argnums=1)
+range_loss = jax.jit(lambda x, fmt, s: lowprec.quantize(x, fmt, s)[1:], static_argnums=1)
 scale = jax.jit(lowprec.scale, static_argnums=(1, 2, 3))
-range_loss = jax.jit(lowprec.range_loss, static_argnums=1)
-lowprec_stats = jax.jit(
+_lowprec_stats = jax.jit(
     functools.partial(
         lowprec.lowprec_stats, formats=FORMATS, scalings=SCALINGS, r_bits=R_BITS, e_frac_bits=E_FRAC_BITS
     )
 )
+
+
+def lowprec_stats(a, w, a_rows, w_cols):
+    """`lowprec.lowprec_stats` with the absmax of the whole operands a and w."""
+    return _lowprec_stats((np.abs(a).max(), np.abs(w).max()), a_rows, w_cols)
+
 
 # ----------------------------------------------------------------------------------------------------
 # data
@@ -460,6 +466,31 @@ def test_chunked_passes_equal_one_pass(chunk):
     np.testing.assert_array_equal(chunked["exp_hist"], ref_exp_histogram(x, EXP_MIN, EXP_MAX))
     np.testing.assert_array_equal(chunked["lin_hist"], ref_linear_counts(x[np.isfinite(x)], one["lin_edges"]))
     assert chunked["nonfinite"] == ref["nonfinite"] and chunked["count"] == x.size
+
+
+@pytest.mark.parametrize("groups", [frozenset(), frozenset({"exp_hist", "lin_hist"})])
+def test_summary_of_finite_data_takes_the_unmasked_passes_exactly(groups):
+    """All-finite data (with zeros) take the passes without masks; without the exp histogram the zeros
+    are counted, with it they come from its middle bin: every statistic equals the float64 reference
+    as the masked passes' do (the same data with one nan added)."""
+    x = heavy_tailed_data()
+    x[~np.isfinite(x)] = 0.25
+    settings = dict(groups=groups, exp_range=(EXP_MIN, EXP_MAX), lin_bins=LIN_BINS, sample_size=SAMPLE)
+    run = jax.jit(functools.partial(stats.summary, **settings))
+    got, ref = to_np(run(x, np.uint32(0))), ref_moments(x)
+    assert got["frac_zero"] == np.float32(7 / N_MOM) and got["nonfinite"] == 0
+    for key in ("absmax", "min", "max", "min_nonzero"):
+        assert got[key] == ref[key], key
+    for key in ("mean", "std", "rms", "skewness", "kurtosis"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    if groups:
+        np.testing.assert_array_equal(got["exp_hist"], ref_exp_histogram(x, EXP_MIN, EXP_MAX))
+    with_nan = x.copy()
+    with_nan[5] = np.nan
+    masked, ref = to_np(run(with_nan, np.uint32(0))), ref_moments(with_nan)
+    assert masked["nonfinite"] == 1 and masked["frac_zero"] == got["frac_zero"]
+    for key in ("mean", "std", "kurtosis"):
+        np.testing.assert_allclose(masked[key], ref[key], rtol=1e-4, err_msg=key)
 
 
 def test_summary_of_a_tensor_beyond_int32_traces():
@@ -727,11 +758,13 @@ def test_range_loss(fmt):
 
 
 def lowprec_rows(grouped):
+    """(a, w, sampled rows of a, sampled columns of w): a grid of C = a @ w."""
     a, w = lowprec_data()
-    if not grouped:
-        return a, w, np.concatenate([a[0, :16], a[1, 10:11]]), w[0]  # with the planted overflows
+    cols = np.array([0, 7, 8, 20, 21, 33, 47])
+    if not grouped:  # with the planted overflows
+        return a, w, np.concatenate([a[0, :16], a[1, 10:11]]), w[0][:, cols]
     rows = np.array([(0, 3), (1, 10), (0, 20), (1, 0), (0, 0), (1, 31), (0, 8), (1, 17)])
-    return a, w, a[rows[:, 0], rows[:, 1]], w[rows[:, 0]]
+    return a, w, a[rows[:, 0], rows[:, 1]], w[rows[:, 0]][:, :, cols]
 
 
 @pytest.mark.parametrize("grouped", [False, True])

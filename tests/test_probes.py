@@ -112,9 +112,10 @@ def _array(captures, stat, site):
     return captures.arrays[stat].site(site)[list(captures.arrays[stat].steps).index(2)]
 
 
-def _rows(captures, site, n, size):
-    """The rows sampled at `site` (step 2): `size` indices into its n rows, not all the same."""
-    rows = _array(captures, "rows", site).astype(np.int64)
+def _rows(captures, site, n, size, stat="rows"):
+    """The rows (or "cols") sampled at `site` (step 2): `size` indices into its n rows, not all the
+    same."""
+    rows = _array(captures, stat, site).astype(np.int64)
     assert rows.shape == (size,) and size < n and (rows >= 0).all() and (rows < n).all()
     assert len(np.unique(rows)) > size // 2
     return rows
@@ -181,8 +182,10 @@ def test_in_step_energy_correlation_and_low_precision_of_a_dumped_matmul(dumped_
     _check_summary(captures, f"{site}/out", _read(workdir, site, "C"))
     tokens = cfg.data.batch_size * cfg.data.seq_len
     rows = _rows(captures, f"{site}/R", tokens, cfg.probes.rows)
-    assert np.array_equal(_array(captures, "rows", f"{site}/lowprec"), rows)  # the same rows
-    r_rows, c_rows, e_rows = (t.reshape(tokens, -1)[rows] for t in (r, c, e64))
+    cols = _rows(captures, f"{site}/R", cfg.model.d_ff, cfg.probes.cols, stat="cols")
+    for stat, same in (("rows", rows), ("cols", cols)):  # the same grid
+        assert np.array_equal(_array(captures, stat, f"{site}/lowprec"), same)
+    r_rows, c_rows, e_rows = (t.reshape(tokens, -1)[rows][:, cols] for t in (r, c, e64))
     _check_summary(captures, f"{site}/R", r_rows, lin_range=(-1.0, 1.0))
     # the token norms are nearly equal (rms-normed input): their skewness and kurtosis depend on the
     # last bits of each norm, which float32 (in the step) and float64 (here) round differently
@@ -201,14 +204,15 @@ def test_in_step_energy_correlation_and_low_precision_of_a_dumped_matmul(dumped_
     log_c, log_e = np.log2(np.abs(c_rows)), np.log2(e_rows)
     np.testing.assert_allclose(_scalar(captures, f"{site}/R", "var_log2_c"), log_c.var(), rtol=1e-4)
     np.testing.assert_allclose(_scalar(captures, f"{site}/R", "var_log2_e"), log_e.var(), rtol=1e-4)
-    # low precision: underflow and overflow of the rows of A and of W (per-tensor scales from the whole
-    # operands), as the float8 casts of ml_dtypes see them
-    a32, w32 = _read(workdir, site, "A").reshape(tokens, -1), _read(workdir, site, "W")
+    # low precision: underflow and overflow of the rows of A and the columns of W (per-tensor scales
+    # from the whole operands), as the float8 casts of ml_dtypes see them
+    a32, w_all = _read(workdir, site, "A").reshape(tokens, -1), _read(workdir, site, "W")
+    w32 = w_all[:, cols]
     for fmt, dtype, top in (
         ("e4m3", ml_dtypes.float8_e4m3fn, 448.0),
         ("e5m2", ml_dtypes.float8_e5m2, 57344.0),
     ):
-        s = np.float32(np.abs(w32).max() / top)
+        s = np.float32(np.abs(w_all).max() / top)
         q = np.clip(w32 / s, -top, top).astype(dtype).astype(np.float32) * s
         under = np.sum((w32 != 0) & (q == 0)) / np.sum(w32 != 0)
         assert _scalar(captures, f"{site}/lowprec", f"{fmt}/tensor/w_underflow") == pytest.approx(under)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from tdyn_jax.probes.energy import correlation, energy_stats, log_split, norms
-from tdyn_jax.probes.lowprec import lowprec_stats
+from tdyn_jax.probes.lowprec import absmax, lowprec_stats
 from tdyn_jax.probes.naming import SCANNED, unstacked
 from tdyn_jax.probes.outliers import outlier_metrics, token_rows
 from tdyn_jax.probes.spec import ProbeSpec
@@ -34,14 +34,18 @@ def _sow(module: nn.Module, name: str, stats: Stats) -> None:
     module.sow("intermediates", name, jax.lax.stop_gradient(stats))
 
 
-def sample_rows(seed: jax.Array, n: int, size: int) -> tuple[jax.Array, jax.Array]:
-    """(rows, stored): `size` row indices drawn uniformly with replacement from range(n), or all n rows
-    in order when n <= size; `stored` is the same padded with -1 to `size` (the statistic "rows")."""
+def sample_indices(seed: jax.Array, n: int, size: int, stream: int) -> tuple[jax.Array, jax.Array]:
+    """(indices, stored): `size` indices drawn uniformly with replacement from range(n), or all n in
+    order when n <= size; `stored` is the same padded with -1 to `size` (the statistics "rows" and
+    "cols"). `stream` tells apart the draws of one seed."""
     if n <= size:
-        rows = jnp.arange(n, dtype=jnp.int32)
-        return rows, jnp.concatenate([rows, jnp.full((size - n,), -1, jnp.int32)])
-    rows = random_indices(seed, size, n, stream=3)
-    return rows, rows
+        indices = jnp.arange(n, dtype=jnp.int32)
+        return indices, jnp.concatenate([indices, jnp.full((size - n,), -1, jnp.int32)])
+    indices = random_indices(seed, size, n, stream)
+    return indices, indices
+
+
+ROWS, COLS = 3, 4  # the streams of the sampled rows and columns
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -89,7 +93,7 @@ def activation(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
     seed = seed_of(module.make_rng("probe"))
     stats = spec.summary(x_, seed)
     if "outliers" in spec.stats:
-        rows, stored = sample_rows(seed, x_.size // x_.shape[-1], spec.rows)
+        rows, stored = sample_indices(seed, x_.size // x_.shape[-1], spec.rows, ROWS)
         stats |= outlier_metrics(x_, spec.topk, rows) | {"rows": stored}
     _sow(module, name, stats)
     if spec.dumps(site):
@@ -140,11 +144,12 @@ def matmul(
     weight matmul's input is an activation site of its own: a norm output, attn/mix, mlp/hidden or the
     residual stream).
 
-    /R and /lowprec are computed on `probes.rows` rows of C sampled uniformly (stored with them as
-    "rows", indices into the rows of C flattened to (rows, m)), so their cost does not grow with the
-    tokens; the others cover the whole tensors. Returns c, gradient-tapped (<site>/out/grad) when the
-    spec asks for gradients. The site is the module path (+ `name`). Outlier metrics are left to the
-    activation sites.
+    /R and /lowprec are computed on a grid of C: `probes.rows` rows and `probes.cols` columns sampled
+    uniformly (stored with them as "rows", indices into the rows of C flattened to (rows, m), and
+    "cols", indices into its m columns), so their cost grows with neither the tokens nor the width
+    (a vocabulary, the keys); the others cover the whole tensors. Returns c, gradient-tapped
+    (<site>/out/grad) when the spec asks for gradients. The site is the module path (+ `name`).
+    Outlier metrics are left to the activation sites.
     """
     spec: ProbeSpec | None = module.probe
     site = _site(module, name)
@@ -160,10 +165,14 @@ def matmul(
     k = w.shape[-2]
     parts = {"in": spec.summary(a, seeds[0])} if with_input else {}
     parts["out"] = spec.summary(out, seeds[1])
-    rows, stored = sample_rows(seed, a.size // k, spec.rows)
+    rows, stored_rows = sample_indices(seed, a.size // k, spec.rows, ROWS)
+    cols, stored_cols = sample_indices(seed, w.shape[-1], spec.cols, COLS)
+    sampled = {"rows": stored_rows, "cols": stored_cols}
+    all_cols = cols.size == w.shape[-1]
+    take_cols = (lambda t: t) if all_cols else (lambda t: jnp.take(t, cols, axis=-1))
     group = rows // a.shape[-2] if grouped else None  # the group of each sampled row
     per_row = (lambda t: t[group]) if grouped else (lambda t: t)  # the W (or its norms) of each row
-    a_rows, w_rows = token_rows(a, rows).astype(jnp.float32), per_row(w).astype(jnp.float32)
+    a_rows, w_cols = token_rows(a, rows), per_row(take_cols(w))
     if "energy" in spec.stats:
         u, v = norms(a, w)  # a.shape[:-1], (m,) or (g, m)
         log_only = frozenset({"exp_hist"})  # the norms' moments and dynamic range
@@ -172,16 +181,16 @@ def matmul(
             spec.summary(v, seeds[3], only=log_only),
         )
         parts["E"] = energy_stats(u, v) if grouped else energy_stats(u.reshape(1, -1), v[None])
-        e_rows = u[jnp.unravel_index(rows, u.shape)][:, None] * per_row(v)
-        c_rows = token_rows(out, rows).astype(jnp.float32)
-        parts["R"] = spec.summary(correlation(c_rows, e_rows), seeds[4], lin_range=(-1.0, 1.0))
-        parts["R"] |= log_split(c_rows, e_rows) | {"rows": stored}
+        e_grid = u[jnp.unravel_index(rows, u.shape)][:, None] * per_row(take_cols(v))
+        c_grid = token_rows(out, rows, None if all_cols else cols).astype(jnp.float32)
+        parts["R"] = spec.summary(correlation(c_grid, e_grid), seeds[4], lin_range=(-1.0, 1.0))
+        parts["R"] |= log_split(c_grid, e_grid) | sampled
     if "lowprec" in spec.stats:
         parts["lowprec"] = lowprec_stats(
-            a, w, a_rows, w_rows, formats=spec.formats, scalings=spec.scalings, r_bits=spec.r_bits,
-            e_frac_bits=spec.e_frac_bits,
+            (absmax(a), absmax(w)), a_rows, w_cols, formats=spec.formats, scalings=spec.scalings,
+            r_bits=spec.r_bits, e_frac_bits=spec.e_frac_bits,
         )  # fmt: skip
-        parts["lowprec"]["rows"] = stored
+        parts["lowprec"] |= sampled
     for part, stats in parts.items():
         _sow(module, prefix + part, stats)
     if spec.dumps(site):

@@ -1,46 +1,54 @@
 """Simulated low-precision matmuls: FP8 E4M3, FP8 E5M2 and INT8 casts of A and W, and the E/R format
 (E in the log domain with f fractional bits, R with k uniform bits), each measured by the relative error
-of C = A @ W."""
+of C = A @ W on sampled rows and columns of C."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from tdyn_jax.probes.stats import count
+
 # name -> (dtype of the cast or None for integers, largest finite magnitude)
 FORMATS = {"e4m3": (jnp.float8_e4m3fn, 448.0), "e5m2": (jnp.float8_e5m2, 57344.0), "int8": (None, 127.0)}
 SCALINGS = ("none", "tensor", "channel")
 
 
+def absmax(x: jax.Array, axis: int | None = None, keepdims: bool = False) -> jax.Array:
+    """max |x| (along `axis`), as float32: max(max x, -min x), two reductions of x itself and no |x|
+    copy; exact (the max of x's own dtype)."""
+    top = jnp.maximum(jnp.max(x, axis=axis, keepdims=keepdims), -jnp.min(x, axis=axis, keepdims=keepdims))
+    return top.astype(jnp.float32)
+
+
+def scale_of(amax: jax.Array, fmt: str) -> jax.Array:
+    """The divisor that maps values of largest magnitude `amax` onto the format's: amax / fmt_max
+    (1 where amax is 0)."""
+    return jnp.where(amax > 0, amax / FORMATS[fmt][1], 1.0)
+
+
 def scale(x: jax.Array, fmt: str, scaling: str, axis: int) -> jax.Array:
     """The divisor that maps x onto the format: 1 (none), absmax(x) / fmt_max (tensor), or that per
     slice along `axis` (channel: per row of A with axis=-1, per column of W with axis=-2)."""
-    top = FORMATS[fmt][1]
     if scaling == "none":
         return jnp.float32(1.0)
-    amax = jnp.max(jnp.abs(x), axis=None if scaling == "tensor" else axis, keepdims=scaling != "tensor")
-    amax = amax.astype(jnp.float32)  # the max of x's own dtype is exact: no float32 copy of x
-    return jnp.where(amax > 0, amax / top, 1.0)
+    if scaling == "tensor":
+        return scale_of(absmax(x), fmt)
+    return scale_of(absmax(x, axis, keepdims=True), fmt)
 
 
-def quantize(x: jax.Array, fmt: str, s: jax.Array) -> jax.Array:
-    """x / s saturated to the format's range, rounded to the format (nearest, ties to even), times s."""
+def quantize(x: jax.Array, fmt: str, s: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(q, underflow, overflow): q = x / s rounded to the format (nearest, ties to even), saturated to
+    its largest magnitude, times s; underflow = the fraction of nonzero x with q = 0; overflow = the
+    fraction of all x whose x / s rounds beyond the largest magnitude (those saturate). One cast of x."""
     dtype, top = FORMATS[fmt]
-    y = jnp.clip(x / s, -top, top)
-    y = jnp.round(y) if dtype is None else y.astype(dtype).astype(jnp.float32)
-    return y * s
-
-
-def range_loss(x: jax.Array, fmt: str, s: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(underflow, overflow) as fractions: nonzero x that quantize to 0, over the nonzero count; and x
-    whose rounded x / s lies beyond the format's largest magnitude (saturated), over all elements."""
-    dtype, top = FORMATS[fmt]
-    nonzero = x != 0
-    under = jnp.sum(nonzero & (quantize(x, fmt, s) == 0)) / jnp.maximum(jnp.sum(nonzero), 1)
-    y = x / s
+    y = x.astype(jnp.float32) / s
     rounded = jnp.round(y) if dtype is None else y.astype(dtype).astype(jnp.float32)
-    over = jnp.mean(~(jnp.abs(rounded) <= top))  # the fp8 cast of an overflow is nan or inf
-    return under.astype(jnp.float32), over.astype(jnp.float32)
+    within = jnp.abs(rounded) <= top  # an fp8 cast beyond the range gives nan or inf
+    q = jnp.where(within, rounded, jnp.clip(y, -top, top)) * s
+    nonzero = x != 0
+    under = count(nonzero & (rounded == 0)) / jnp.maximum(count(nonzero), 1.0)
+    return q, under, count(~within) / jnp.float32(x.size)
 
 
 def _rows_matmul(a: jax.Array, w: jax.Array) -> jax.Array:
@@ -63,33 +71,32 @@ def rel_error(approx: jax.Array, exact: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum((approx - exact) ** 2) / jnp.sum(exact * exact))
 
 
-def _row_scales(
-    whole: jax.Array, rows: jax.Array, fmt: str, scalings: tuple[str, ...], axis: int
-) -> jax.Array:
-    """The scales of `rows` for each scaling, stacked on a new leading axis: none and tensor from the
-    whole operand, channel from the rows themselves (the slices along `axis`)."""
-    shape = list(rows.shape)
+def _scales(amax: jax.Array, part: jax.Array, fmt: str, scalings: tuple[str, ...], axis: int) -> jax.Array:
+    """The scales of `part` (sampled rows of A, axis=-1, or columns of W, axis=-2) for each scaling,
+    stacked on a new leading axis: none; tensor from `amax`, the absmax of the whole operand; channel
+    from the slices of `part` itself."""
+    shape = list(part.shape)
     shape[axis] = 1
-    pick = lambda sc: scale(rows if sc == "channel" else whole, fmt, sc, axis)
+    pick = lambda sc: scale_of(amax, fmt) if sc == "tensor" else scale(part, fmt, sc, axis)
     return jnp.stack([jnp.broadcast_to(pick(sc), shape) for sc in scalings])
 
 
 def _format_stats(
-    a: jax.Array,
-    w: jax.Array,
+    amaxes: tuple[jax.Array, jax.Array],
     a_rows: jax.Array,
-    w_rows: jax.Array,
+    w_cols: jax.Array,
     exact: jax.Array,
     fmt: str,
     scalings: tuple[str, ...],
 ) -> dict[str, jax.Array]:
     """The range losses and the error of C in format `fmt`, for all `scalings` at once."""
-    sa, sw = _row_scales(a, a_rows, fmt, scalings, -1), _row_scales(w, w_rows, fmt, scalings, -2)
+    sa = _scales(amaxes[0], a_rows, fmt, scalings, -1)
+    sw = _scales(amaxes[1], w_cols, fmt, scalings, -2)
 
     def one_scaling(scales: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
-        s_a, s_w = scales
-        quantized = _rows_matmul(quantize(a_rows, fmt, s_a), quantize(w_rows, fmt, s_w))
-        return *range_loss(a_rows, fmt, s_a), *range_loss(w_rows, fmt, s_w), rel_error(quantized, exact)
+        qa, a_under, a_over = quantize(a_rows, fmt, scales[0])
+        qw, w_under, w_over = quantize(w_cols, fmt, scales[1])
+        return a_under, a_over, w_under, w_over, rel_error(_rows_matmul(qa, qw), exact)
 
     a_under, a_over, w_under, w_over, errors = jax.lax.map(one_scaling, (sa, sw))
     out = {}
@@ -102,35 +109,35 @@ def _format_stats(
 
 
 def lowprec_stats(
-    a: jax.Array,
-    w: jax.Array,
+    amaxes: tuple[jax.Array, jax.Array],
     a_rows: jax.Array,
-    w_rows: jax.Array,
+    w_cols: jax.Array,
     *,
     formats: tuple[str, ...],
     scalings: tuple[str, ...],
     r_bits: tuple[int, ...],
     e_frac_bits: tuple[int, ...],
 ) -> dict[str, jax.Array]:
-    """Low-precision errors of one matmul, measured on a subset of its rows.
+    """Low-precision errors of one matmul C = A @ W, measured on a grid of sampled rows and columns
+    of C.
 
-    a (g, n, k) and w (g, k, m) are the whole operands, used only for the per-tensor scales; every
-    statistic is measured on the rows a_rows (r, k) with their w_rows ((k, m), or (r, k, m) when each
-    row has its own group). For each format F and scaling S (F/S/...): a_underflow, a_overflow of
-    a_rows, w_underflow, w_overflow of w_rows, and rel_err = ||Q(A) Q(W) - A W|| / ||A W|| (Frobenius,
-    over the rows). Channel scaling scales A per row (token) and W per column (output channel). The
+    `amaxes` are absmax(A) and absmax(W) over the whole operands (for the per-tensor scales); a_rows
+    (r, k) are the sampled rows of A and w_cols the sampled columns of W ((k, c), or (r, k, c) when
+    each row has its own W). For each format F and scaling S (F/S/...): a_underflow, a_overflow of
+    a_rows, w_underflow, w_overflow of w_cols, and rel_err = ||Q(A) Q(W) - A W|| / ||A W|| (Frobenius,
+    over the grid). Channel scaling scales A per row (token) and W per column (output channel). The
     scalings of one format run one after the other in a loop, so one quantized copy is alive at a time.
     For each k in r_bits, with Q_k(R) = round(R L) / L, L = 2^(k-1) - 1 (k uniform bits on [-1, 1]):
     r{k}/rel_err rebuilds C as E_ij * Q_k(R_ij) (E exact: it is only the n + m norms), and for each f
     in e_frac_bits er/e{f}/r{k}/rel_err as log_quantize(E_ij, f) * Q_k(R_ij) (E in the log domain).
     """
-    a_rows, w_rows = a_rows.astype(jnp.float32), w_rows.astype(jnp.float32)
-    exact = _rows_matmul(a_rows, w_rows)
+    a_rows, w_cols = a_rows.astype(jnp.float32), w_cols.astype(jnp.float32)
+    exact = _rows_matmul(a_rows, w_cols)
     out = {}
     for fmt in formats:
-        out |= _format_stats(a, w, a_rows, w_rows, exact, fmt, scalings)
+        out |= _format_stats(amaxes, a_rows, w_cols, exact, fmt, scalings)
     u = jnp.sqrt(jnp.sum(a_rows * a_rows, axis=-1))[:, None]
-    v = jnp.sqrt(jnp.sum(w_rows * w_rows, axis=-2))
+    v = jnp.sqrt(jnp.sum(w_cols * w_cols, axis=-2))
     e = u * v
     r = jnp.where(e > 0, exact / jnp.where(e > 0, e, 1.0), 0.0)
     e_logs = {f: log_quantize(e, f) for f in e_frac_bits}

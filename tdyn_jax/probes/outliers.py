@@ -39,10 +39,14 @@ def median(a: jax.Array) -> jax.Array:
     return (low + jnp.where(repeats, low, above)) / 2
 
 
-def token_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+def token_rows(x: jax.Array, rows: jax.Array, cols: jax.Array | None = None) -> jax.Array:
     """x[..., :] at the flat token indices `rows` (into the leading axes): (len(rows), x.shape[-1]),
-    gathered without reshaping x."""
-    return x[jnp.unravel_index(rows, x.shape[:-1])]
+    or only the channels `cols` of those rows, (len(rows), len(cols)); gathered in one go, without
+    reshaping x."""
+    tokens = jnp.unravel_index(rows, x.shape[:-1])
+    if cols is None:
+        return x[tokens]
+    return x[(*(t[:, None] for t in tokens), cols[None, :])]
 
 
 def outlier_metrics(x: jax.Array, topk: int, rows: jax.Array) -> dict[str, jax.Array]:

@@ -12,11 +12,12 @@ from tdyn_jax.probes.naming import layer_free
 from tdyn_jax.probes.stats import ACCELERATOR_CHUNK, CHUNK, summary
 
 GROUPS = ("exp_hist", "lin_hist", "sample", "outliers", "energy", "lowprec")
-# Statistics estimated on `probes.rows` sampled rows (tokens) of their tensor, the rows being stored
-# with them as the statistic "rows": every statistic of a matmul's /R and /lowprec parts, and these
-# outlier metrics of an activation site. Every other statistic covers the whole tensor.
+# Statistics estimated on samples: every statistic of a matmul's /R and /lowprec parts (on a grid of
+# `probes.rows` sampled rows and `probes.cols` sampled columns of C, stored with them as the
+# statistics "rows" and "cols") and these outlier metrics of an activation site (on `probes.rows`
+# sampled tokens). Every other statistic covers the whole tensor.
 SAMPLED_PARTS = ("R", "lowprec")
-SAMPLED_STATS = ("max_median_ratio", "massive_ratio", "rows")
+SAMPLED_STATS = ("max_median_ratio", "massive_ratio", "rows", "cols")
 
 
 def is_sampled(site: str, stat: str) -> bool:
@@ -39,6 +40,7 @@ class ProbeSpec:
     sample_size: int
     topk: int
     rows: int
+    cols: int
     formats: tuple[str, ...]
     scalings: tuple[str, ...]
     r_bits: tuple[int, ...]

@@ -43,32 +43,38 @@ def chunking(shape: tuple[int, ...], chunk: int = CHUNK) -> tuple[int, int]:
     return width, -(-length // width)
 
 
-def over_chunks(x: jax.Array, part: Callable[[jax.Array, jax.Array], Sums], chunk: int = CHUNK) -> Sums:
-    """`part(piece, fresh)` over the chunks of x along `chunk_axis`, combined: min, max and
-    min_nonzero by min and max, everything else by addition. `fresh` (broadcastable to the piece)
-    marks the slices no earlier chunk held (the last chunk is shifted back to fit and overlaps the one
-    before). x is sliced as it is, in its own dtype and shape: no reshaped or converted copy of it."""
+def over_chunks(x: jax.Array, part: Callable[[jax.Array], Sums], chunk: int = CHUNK) -> Sums:
+    """`part(piece)` over the chunks of x along `chunk_axis`, combined: min, max and min_nonzero by min
+    and max, everything else by addition. The full-width chunks run in a loop, a narrower remainder
+    after it, so every slice is read exactly once. x is sliced as it is, in its own dtype and shape: no
+    reshaped or converted copy of it."""
     x = x.reshape(1) if x.ndim == 0 else x
     axis = chunk_axis(x.shape)
     width, count = chunking(x.shape, chunk)
-    mask_shape = [1] * x.ndim
-    mask_shape[axis] = width
     if count == 1:
-        return part(x, jnp.ones(mask_shape, bool))
+        return part(x)
     length = x.shape[axis]
+    full = length // width
 
     def combine(acc: Sums, new: Sums) -> Sums:
         pick = lambda k: jnp.minimum if k in _MIN else jnp.maximum if k in _MAX else jnp.add
         return {k: pick(k)(acc[k], new[k]) for k in acc}
 
     def body(i: jax.Array, acc: Sums) -> Sums:
-        start = jnp.minimum(i * width, length - width)
-        piece = jax.lax.dynamic_slice_in_dim(x, start, width, axis=axis)
-        fresh = (start + jnp.arange(width) >= i * width).reshape(mask_shape)
-        return combine(acc, part(piece, fresh))
+        return combine(acc, part(jax.lax.dynamic_slice_in_dim(x, i * width, width, axis=axis)))
 
-    first = part(jax.lax.slice_in_dim(x, 0, width, axis=axis), jnp.ones(mask_shape, bool))
-    return jax.lax.fori_loop(1, count, body, first)
+    acc = jax.lax.fori_loop(1, full, body, part(jax.lax.slice_in_dim(x, 0, width, axis=axis)))
+    if length > full * width:
+        acc = combine(acc, part(jax.lax.slice_in_dim(x, full * width, length, axis=axis)))
+    return acc
+
+
+def unmasked_if_finite(x: jax.Array, part: Callable[[jax.Array, bool], Sums]) -> Sums:
+    """part(x, True) when every value of x is finite (its float32 sum is: one reduction), else
+    part(x, False), which must mask nan and inf out; in a `lax.cond`, so only one of them runs. On a
+    CPU each mask is one more write of the whole tensor (or chunk)."""
+    all_finite = jnp.isfinite(jnp.sum(x.astype(jnp.float32)))
+    return jax.lax.cond(all_finite, lambda: part(x, True), lambda: part(x, False))
 
 
 def count(mask: jax.Array) -> jax.Array:
@@ -87,25 +93,30 @@ def bincount(idx: jax.Array, length: int) -> jax.Array:
     return jnp.zeros((length,), jnp.int32).at[idx.reshape(-1)].add(1, mode="drop").astype(jnp.float32)
 
 
-def _first_pass(x: jax.Array, fresh: jax.Array) -> Sums:
-    """Sums and extremes of a chunk's finite values (the slices marked fresh)."""
+def _first_pass(x: jax.Array, finite: bool, zeros: bool = True) -> Sums:
+    """Sums and extremes of a chunk's finite values (`finite`: it holds no other, so nothing is
+    masked); with `zeros`, the count of zeros too (else the caller takes it from the exp histogram)."""
     x = x.astype(jnp.float32)
-    finite = jnp.isfinite(x) & fresh
-    absx = jnp.where(finite, jnp.abs(x), 0.0)
-    return {
-        "sum": jnp.sum(jnp.where(finite, x, 0.0)),
-        "n": count(finite),
-        "min": jnp.min(jnp.where(finite, x, jnp.inf)),
-        "max": jnp.max(jnp.where(finite, x, -jnp.inf)),
-        "min_nonzero": jnp.min(jnp.where(absx > 0, absx, jnp.inf)),
-        "zeros": count((x == 0) & fresh),
-    }
+    if finite:
+        absx = jnp.abs(x)
+        sums = {"sum": jnp.sum(x), "n": jnp.float32(x.size), "min": jnp.min(x), "max": jnp.max(x)}
+    else:
+        keep = jnp.isfinite(x)
+        absx = jnp.where(keep, jnp.abs(x), 0.0)
+        sums = {
+            "sum": jnp.sum(jnp.where(keep, x, 0.0)),
+            "n": count(keep),
+            "min": jnp.min(jnp.where(keep, x, jnp.inf)),
+            "max": jnp.max(jnp.where(keep, x, -jnp.inf)),
+        }
+    sums["min_nonzero"] = jnp.min(jnp.where(absx > 0, absx, jnp.inf))
+    return sums | ({"zeros": count(x == 0)} if zeros else {})
 
 
-def _central_sums(x: jax.Array, fresh: jax.Array, mean: jax.Array) -> Sums:
-    """sum(d^k), k = 2, 3, 4, with d = x - mean over a chunk's finite values."""
+def _central_sums(x: jax.Array, mean: jax.Array, finite: bool) -> Sums:
+    """sum(d^k), k = 2, 3, 4, with d = x - mean over a chunk's finite values (see `_first_pass`)."""
     x = x.astype(jnp.float32)
-    d = jnp.where(jnp.isfinite(x) & fresh, x - mean, 0.0)
+    d = x - mean if finite else jnp.where(jnp.isfinite(x), x - mean, 0.0)
     d2 = d * d
     return {"d2": jnp.sum(d2), "d3": jnp.sum(d2 * d), "d4": jnp.sum(d2 * d2)}
 
@@ -143,10 +154,36 @@ def moments(x: jax.Array, chunk: int = CHUNK) -> dict[str, jax.Array]:
       count = number of elements;  nonfinite = #(x is nan or inf). Counts are exact int32 per chunk,
       added in float32 (exact below 2^24, correctly rounded above).
     """
-    first = over_chunks(x, _first_pass, chunk)
+    return _passes(x, None, None, chunk)
+
+
+def _passes(
+    x: jax.Array, exp_range: tuple[int, int] | None, lin: tuple[int, tuple | None] | None, chunk: int
+) -> dict[str, jax.Array]:
+    """`moments` and the histograms asked for (exp_range; lin = (bins, range or None for the finite
+    min and max)) in two passes over x, chunked (see `over_chunks`): sums and extremes, then the
+    central sums with the histograms. Each chunk of a pass is read without masks when it is all finite
+    (`unmasked_if_finite`); with the exp histogram, its middle bin counts the zeros."""
+    zeros = exp_range is None
+    first = over_chunks(x, lambda c: unmasked_if_finite(c, lambda c, f: _first_pass(c, f, zeros)), chunk)
     mean = first["sum"] / first["n"]
-    central = over_chunks(x, lambda c, f: _central_sums(c, f, mean), chunk)
-    return _moments(first, central, x.size)
+    edges = None
+    if lin is not None:
+        lo, hi = linear_range(*(lin[1] or (first["min"], first["max"])))
+        edges = (lo, hi, lin[0])
+
+    def second(c: jax.Array, finite: bool) -> Sums:
+        hists = _hist_part(c, exp_range, edges) if exp_range or edges else {}
+        return _central_sums(c, mean, finite) | hists
+
+    sums = over_chunks(x, lambda c: unmasked_if_finite(c, second), chunk)
+    if not zeros:
+        first["zeros"] = sums["exp_hist"][exp_hist_bins(*exp_range) // 2]
+    out = _moments(first, sums, x.size)
+    out |= {k: sums[k] for k in ("exp_hist", "lin_hist") if k in sums}
+    if edges:
+        out["lin_edges"] = jnp.linspace(edges[0], edges[1], lin[0] + 1, dtype=jnp.float32)
+    return out
 
 
 def exp_hist_bins(exp_min: int, exp_max: int) -> int:
@@ -219,7 +256,7 @@ def linear_histogram(
     `linear_range` and `linear_bin`) and their nominal edges; values outside [lo, hi] and non-finite
     values are not counted."""
     if lo is None or hi is None:
-        first = over_chunks(x, _first_pass, chunk)
+        first = over_chunks(x, lambda c: _first_pass(c, finite=False), chunk)
         lo, hi = first["min"] if lo is None else lo, first["max"] if hi is None else hi
     lo, hi = linear_range(lo, hi)
     counts = _histograms(x, None, (lo, hi, bins), chunk)["lin_hist"]
@@ -229,25 +266,24 @@ def linear_histogram(
 Linear = tuple[jax.Array, jax.Array, int]  # lo, hi, bins
 
 
-def _hist_part(x: jax.Array, fresh: jax.Array, exp_range: tuple[int, int] | None, lin: Linear | None) -> Sums:
+def _hist_part(x: jax.Array, exp_range: tuple[int, int] | None, lin: Linear | None) -> Sums:
     """The histogram counts of one chunk. With both histograms: one index per element, exp_bin *
     (bins + 1) + lin_bin, and one scatter into the joint counts, whose margins they are."""
     x = x.astype(jnp.float32)
-    keep = lambda idx, length: jnp.where(fresh, idx, length)  # slices held by an earlier chunk
     if exp_range is None:
-        return {"lin_hist": bincount(keep(linear_bin(x, *lin), lin[2]), lin[2])}
+        return {"lin_hist": bincount(linear_bin(x, *lin), lin[2])}
     exp_bins = exp_hist_bins(*exp_range)
     idx = exp_bin(x, *exp_range)
     if lin is None:
-        return {"exp_hist": bincount(keep(idx, exp_bins), exp_bins)}
+        return {"exp_hist": bincount(idx, exp_bins)}
     bins = lin[2]
-    joint = bincount(keep(idx * (bins + 1) + linear_bin(x, *lin), -1), (exp_bins + 1) * (bins + 1))
+    joint = bincount(idx * (bins + 1) + linear_bin(x, *lin), (exp_bins + 1) * (bins + 1))
     joint = joint.reshape(exp_bins + 1, bins + 1)
     return {"exp_hist": jnp.sum(joint[:exp_bins], axis=1), "lin_hist": jnp.sum(joint[:, :bins], axis=0)}
 
 
 def _histograms(x: jax.Array, exp_range: tuple[int, int] | None, lin: Linear | None, chunk: int) -> Sums:
-    return over_chunks(x, lambda c, f: _hist_part(c, f, exp_range, lin), chunk)
+    return over_chunks(x, lambda c: _hist_part(c, exp_range, lin), chunk)
 
 
 def seed_of(key: jax.Array) -> jax.Array:
@@ -297,25 +333,10 @@ def summary(
     chunk: int = CHUNK,
 ) -> dict[str, jax.Array]:
     """`moments(x)` plus the groups asked for: exp_hist, lin_hist (+ lin_edges), sample; in two passes
-    over x (chunked, see `over_chunks`): sums and extremes, then the central sums with the histograms
-    (the linear histogram's range is the finite min and max of the first pass, or `lin_range`)."""
-    first = over_chunks(x, _first_pass, chunk)
-    mean = first["sum"] / first["n"]
+    over x (see `_passes`; the linear histogram's range is the finite min and max of x, or
+    `lin_range`)."""
     exp = exp_range if "exp_hist" in groups else None
-    lin = None
-    if "lin_hist" in groups:
-        lo, hi = linear_range(*(lin_range or (first["min"], first["max"])))
-        lin = (lo, hi, lin_bins)
-
-    def second(c: jax.Array, fresh: jax.Array) -> Sums:
-        hists = _hist_part(c, fresh, exp, lin) if exp or lin else {}
-        return _central_sums(c, fresh, mean) | hists
-
-    sums = over_chunks(x, second, chunk)
-    out = _moments(first, sums, x.size)
-    out |= {k: sums[k] for k in ("exp_hist", "lin_hist") if k in sums}
-    if lin:
-        out["lin_edges"] = jnp.linspace(lin[0], lin[1], lin_bins + 1, dtype=jnp.float32)
+    out = _passes(x, exp, (lin_bins, lin_range) if "lin_hist" in groups else None, chunk)
     if "sample" in groups:
         out["sample"] = uniform_sample(x, seed, sample_size)
     return out

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import logging as std_logging
 import sys
+from pathlib import Path
 
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from tdyn_jax.cli import fail, refuse_extra_args
+from tdyn_jax import cli
+from tdyn_jax.cli import fail
 
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>); rerun to resume.")
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/small.py.")
@@ -17,49 +18,43 @@ flags.mark_flags_as_required(["config"])
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing whose errors (bad flag, unknown config field, bad file) are one line, exit 2."""
-    config_args = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    if not config_args:
+    """`cli.parse_flags`, with --config required (one line, exit 2)."""
+    if not any(a.startswith("--config=") for a in argv):
         fail("--config is required, e.g. --config=configs/small.py")
-    try:
-        rest = flags.FLAGS(argv)
-        _ = flags.FLAGS.config.name  # loads the config file now, so its errors surface here
-    except flags.Error as e:
-        fail(f"{e}")
-    except (AttributeError, KeyError) as e:
-        field = str(e).strip("\"'")
-        culprit = next((a for a in argv if a.startswith("--config.") and f".{field}" in a), field)
-        fail(f"unknown config field in {culprit}: configs/base.py lists the fields")
-    except OSError as e:
-        fail(f"cannot load the config file {config_args[-1]} ({type(e).__name__}): check the path")
-    return rest
-
-
-def _quiet_libraries(record: std_logging.LogRecord) -> bool:
-    """Keeps the log to this package's lines, plus warnings and errors from libraries."""
-    return record.levelno >= std_logging.WARNING or "/tdyn_jax/" in record.pathname
+    return cli.parse_flags(argv)
 
 
 def main(argv: list[str]) -> int:
     """Trains or resumes the configured run; user mistakes exit 2 with one line."""
-    refuse_extra_args(argv)
-    logging.get_absl_handler().addFilter(_quiet_libraries)
     import jax
 
+    from tdyn_jax.checkpoint import CheckpointError
     from tdyn_jax.config import ConfigError
     from tdyn_jax.data import DataError
+    from tdyn_jax.guard import EXIT_CODE, NonFiniteStop
     from tdyn_jax.train import train
 
     cfg = flags.FLAGS.config
     workdir = flags.FLAGS.workdir or f"runs/{cfg.name}"
     try:
         final = train(cfg, workdir)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         fail(str(e))
+    except NonFiniteStop as e:
+        print(f"run directory: {workdir}")
+        if cfg.analysis.report and jax.process_index() == 0:
+            write_analysis(cfg, workdir)  # what was captured before the blow-up
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CODE
     logging.info("finished %s: %s", workdir, final)
     print(f"run directory: {workdir}")
-    if cfg.analysis.report and final.get("step") == cfg.train.num_steps and jax.process_index() == 0:
-        write_analysis(cfg, workdir)
+    finished = final["step"] >= cfg.train.num_steps and jax.process_index() == 0
+    if cfg.analysis.report and finished:
+        if "loss" in final:  # trained in this invocation
+            write_analysis(cfg, workdir)
+        elif not (Path(workdir) / "analysis" / "report.html").exists():
+            print("the run is finished but its report is missing: writing it")
+            write_analysis(cfg, workdir)
     return 0
 
 
@@ -78,4 +73,4 @@ def write_analysis(cfg: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, flags_parser=parse_flags)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from configs import base
+from tdyn_jax import cli
 from tdyn_jax.analysis import load
 from tdyn_jax.analysis.fit import FAMILIES, fit, fit_captures
 from tdyn_jax.analysis.report import write_report
@@ -54,4 +55,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

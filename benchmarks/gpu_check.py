@@ -15,10 +15,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from bench import flops_per_token, global_batches, matmul_peak, memory_bytes, probed_program, timed_compile
 from ml_collections import config_flags
 
+from tdyn_jax import cli
 from tdyn_jax import data as data_lib
 from tdyn_jax.train import is_capture_step
 
@@ -80,4 +81,4 @@ def main(_: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 import jax
-from absl import app, flags
+from absl import flags
 from bench import interleaved, memory_bytes, probed_program, random_batches, timed_compile
 from ml_collections import config_flags
 
+from tdyn_jax import cli
 from tdyn_jax.probe_store import ProbeStore
 
 config_flags.DEFINE_config_file("config", "configs/small.py", "Config file.")
@@ -67,4 +68,4 @@ def main(_: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

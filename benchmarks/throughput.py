@@ -12,12 +12,12 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from bench import flops_per_token, matmul_peak
 from ml_collections import config_flags
 
+from tdyn_jax import cli, sharding
 from tdyn_jax import data as data_lib
-from tdyn_jax import sharding
 from tdyn_jax.config import validate
 from tdyn_jax.model import DTYPES
 from tdyn_jax.train import build
@@ -65,4 +65,4 @@ def main(_: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 from bench import memory_bytes, probed_program
 from jax.experimental import topologies
 from ml_collections import config_flags
 
+from tdyn_jax import cli
 from tdyn_jax.train import batch_shapes
 
 config_flags.DEFINE_config_file("config", "configs/tpu_v5e_64.py", "Config file.")
@@ -59,4 +60,4 @@ def main(_: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -62,6 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
     t.eval_batches = 8  # batches of the validation split per evaluation
     t.progress_bar = True  # tqdm bar with ETA when stderr is a terminal
     t.tensorboard = False  # also write TensorBoard event files to WORKDIR/tb (needs the [tb] extra)
+    # a non-finite loss or gradient norm: stop (save the captures, keep the newest finite checkpoint,
+    # exit 3) | skip (leave the state unchanged for that step; stop after max_skipped in a row) | ignore
+    t.nonfinite = "stop"
+    t.max_skipped = 10  # train.nonfinite=skip: skipped steps in a row before the run stops
     t.compilation_cache = True  # keep compiled steps in <cache dir>/xla: resumes and reruns skip compiling
 
     c.checkpoint = k = ml_collections.ConfigDict()

@@ -11,10 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from configs import base
-from tdyn_jax.cli import fail, refuse_extra_args
+from tdyn_jax import cli
+from tdyn_jax.cli import fail
 
 flags.DEFINE_string("workdir", None, "Run directory to analyse.")
 flags.DEFINE_list("sites", None, "Only these sites (fnmatch patterns, with or without the layer).")
@@ -25,7 +26,7 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv: list[str]) -> None:
-    refuse_extra_args(argv)
+    from tdyn_jax.analysis.load import CapturesError
     from tdyn_jax.analysis.report import write_report
 
     workdir = Path(flags.FLAGS.workdir)
@@ -47,10 +48,10 @@ def main(argv: list[str]) -> None:
             workers=saved.get("workers", defaults.workers),
             progress=sys.stderr.isatty(),
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (CapturesError, ValueError) as e:
         fail(str(e))
     print(f"report: {page}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

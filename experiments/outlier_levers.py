@@ -11,10 +11,11 @@ import itertools
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from configs import outlier_levers
-from tdyn_jax.cli import fail, refuse_extra_args
+from tdyn_jax import cli
+from tdyn_jax.cli import fail
 
 flags.DEFINE_enum(
     "scale", "cpu", list(outlier_levers.SCALES), "Size of each run (configs/outlier_levers.py)."
@@ -51,7 +52,6 @@ def _grid(scale: str) -> tuple[list[float], list[float], list[str]]:
 
 
 def main(argv: list[str]) -> None:
-    refuse_extra_args(argv)
     scale = flags.FLAGS.scale
     lrs, epss, norms = _grid(scale)
     import pandas as pd
@@ -128,4 +128,4 @@ Every number is also in `outlier_levers/runs.csv`.
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

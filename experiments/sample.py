@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from tdyn_jax import cli, sharding
 from tdyn_jax import data as data_lib
-from tdyn_jax import sharding
 from tdyn_jax.checkpoint import Checkpoints
 from tdyn_jax.train import build
 
@@ -53,7 +53,7 @@ def main(_: list[str]) -> None:
     step = ckpt.latest_step()
     if step is None:
         raise SystemExit(f"error: {workdir} has no checkpoint yet: train first")
-    state, _ = ckpt.restore(step, program.abstract_state)
+    state, _, _ = ckpt.restore(step, program.abstract_state)
     ckpt.close()
     prompt = data_lib.encode([flags.FLAGS.prompt.encode()])
     out = sample(
@@ -64,4 +64,4 @@ def main(_: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

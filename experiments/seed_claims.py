@@ -11,10 +11,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from configs import seed_claims
-from tdyn_jax.cli import fail, refuse_extra_args
+from tdyn_jax import cli
+from tdyn_jax.cli import fail
 
 flags.DEFINE_enum("scale", "cpu", list(seed_claims.SCALES), "Size of the run (configs/seed_claims.py).")
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>); rerun to resume.")
@@ -23,7 +24,6 @@ flags.DEFINE_integer("workers", 2, "Threads that fit the distributions.")
 
 
 def main(argv: list[str]) -> None:
-    refuse_extra_args(argv)
     import pandas as pd
 
     from tdyn_jax.analysis import claims, plots, study, study_plots, verdicts
@@ -95,4 +95,4 @@ Each check's number is also in `seed_claims/checks.csv`.
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,4 +1,4 @@
-"""The run directory's config.json and the Orbax manager of train state, data state and config."""
+"""The run directory's config.json and the Orbax manager of the train-state checkpoints."""
 
 from __future__ import annotations
 
@@ -10,22 +10,42 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from tdyn_jax.config import ConfigError, resume_conflicts
 
 
-def prepare_workdir(workdir: Path, config: dict[str, Any]) -> None:
-    """Writes WORKDIR/config.json for a new run; refuses to resume a run saved with a clashing one."""
+class CheckpointError(Exception):
+    """No checkpoint of a run restores; the message names the directory and what to do."""
+
+
+def check_resume(workdir: Path, config: dict[str, Any]) -> None:
+    """Raises ConfigError if `workdir` holds a run saved with a config that forbids resuming it with
+    `config` (reads only: run before compiling anything)."""
     path = workdir / "config.json"
-    if path.exists():
+    existing = next(p for p in (workdir, *workdir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"workdir {workdir}: {existing} is a file, not a directory; pass another --workdir")
+    if not path.exists():
+        return
+    try:
         saved = json.loads(path.read_text())
-        conflicts = resume_conflicts(saved, config)
-        if conflicts:
-            raise ConfigError(
-                f"cannot resume {workdir}: its config differs in {'; '.join(conflicts[:3])}"
-                f"{' ...' if len(conflicts) > 3 else ''}; use the saved values or another --workdir"
-            )
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(
+            f"cannot read {path} ({type(e).__name__}): restore it or move {workdir} aside"
+        ) from e
+    conflicts = resume_conflicts(saved, config) if isinstance(saved, dict) else ["config.json"]
+    if conflicts:
+        raise ConfigError(
+            f"cannot resume {workdir}: its config differs in {'; '.join(conflicts[:3])}"
+            f"{' ...' if len(conflicts) > 3 else ''}; use the saved values or another --workdir"
+        )
+
+
+def write_config(workdir: Path, config: dict[str, Any]) -> None:
+    """Writes WORKDIR/config.json (atomically; process 0)."""
     if jax.process_index() == 0:
+        path = workdir / "config.json"
         workdir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -33,7 +53,8 @@ def prepare_workdir(workdir: Path, config: dict[str, Any]) -> None:
 
 
 class Checkpoints:
-    """Train-state checkpoints under WORKDIR/checkpoints: state, data iterator state and config."""
+    """Train-state checkpoints under WORKDIR/checkpoints: state, data iterator state, config and the
+    open log interval (what the next log line needs of the steps before the checkpoint)."""
 
     def __init__(self, workdir: Path, cfg: ml_collections.ConfigDict):
         options = ocp.CheckpointManagerOptions(
@@ -42,30 +63,55 @@ class Checkpoints:
             cleanup_tmp_directories=True,
             create=True,
         )
+        self.directory = Path(workdir).absolute() / "checkpoints"
         self.manager = ocp.CheckpointManager(
-            Path(workdir).absolute() / "checkpoints",
-            item_names=("state", "data", "config"),
-            options=options,
+            self.directory, item_names=("state", "data", "config", "log"), options=options
         )
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step; partial (crashed) saves are not counted."""
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
+    def all_steps(self) -> list[int]:
+        """The steps of the complete checkpoints, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def save(self, step: int, state: Any, data_state: dict, config: dict, log: dict) -> None:
         """Saves (asynchronously if configured) the train state after `step` steps."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config),
+            log=ocp.args.JsonSave(log),
         )
         self.manager.save(step, args=args, force=True)
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """(train state, data state) of `step`, laid out as `abstract_state` (shapes + shardings)."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
-        restored = self.manager.restore(step, args=args)
-        return restored["state"], restored["data"]
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+        """(train state, data state, log) of `step`, the state laid out as `abstract_state` (shapes +
+        shardings); log is {} for a checkpoint written without one."""
+        path = self.directory / str(step)
+        missing = [name for name in ("_CHECKPOINT_METADATA", "state", "data") if not (path / name).exists()]
+        if missing:
+            raise FileNotFoundError(f"{path} has no {', '.join(missing)}")
+        args = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
+        if (path / "log").exists():
+            args["log"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        if int(restored["state"].step) != step:
+            raise ValueError(f"its state is at step {int(restored['state'].step)}")
+        return restored["state"], restored["data"], restored["log"] if "log" in args else {}
+
+    def move_aside(self, step: int) -> Path:
+        """Renames checkpoint `step` to <step>.corrupt (.corrupt-2, ... if taken); returns the new path."""
+        target, n = self.directory / f"{step}.corrupt", 1
+        while target.exists():
+            n += 1
+            target = self.directory / f"{step}.corrupt-{n}"
+        if jax.process_index() == 0:
+            os.replace(self.directory / str(step), target)
+        multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+        self.manager.reload()
+        return target
 
     def reached_preemption(self, step: int) -> bool:
         """True when the cluster's preemption sync point is reached (multi-host TPU)."""

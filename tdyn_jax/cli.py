@@ -1,9 +1,16 @@
-"""What the command-line entry points share: a user mistake is one line on stderr and exit code 2."""
+"""What the command-line entry points share: a user mistake is one line on stderr and exit code 2,
+Ctrl-C one line and exit code 130, and the libraries' log lines stay out of the terminal."""
 
 from __future__ import annotations
 
+import logging as std_logging
 import sys
+from collections.abc import Callable
 from typing import NoReturn
+
+from absl import app, flags, logging
+
+INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
 
 
 def fail(message: str) -> NoReturn:
@@ -16,3 +23,50 @@ def refuse_extra_args(argv: list[str]) -> None:
     """Fails on positional arguments left over after the flags (argv[0] is the program)."""
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing whose errors (a bad or missing flag, an unknown config field, a config file
+    that does not load) are one line and exit 2."""
+    try:
+        rest = flags.FLAGS(argv)
+        if "config" in flags.FLAGS and flags.FLAGS.config is not None:
+            _ = flags.FLAGS.config.name  # loads the config file now, so its errors surface here
+    except flags.Error as e:
+        fail(f"{e}")
+    except (AttributeError, KeyError) as e:
+        field = str(e).strip("\"'")
+        culprit = next((a for a in argv if a.startswith("--config.") and f".{field}" in a), field)
+        fail(f"unknown config field in {culprit}: configs/base.py lists the fields")
+    except OSError as e:
+        path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+        fail(f"cannot load the config file {path} ({type(e).__name__}): check the path")
+    return rest
+
+
+def _quiet_libraries(record: std_logging.LogRecord) -> bool:
+    """Keeps the log to this package's lines, plus errors from libraries (all of theirs with
+    --verbosity=1 or more)."""
+    if flags.FLAGS.verbosity > 0:
+        return True
+    return record.levelno >= std_logging.ERROR or "/tdyn_jax/" in record.pathname
+
+
+def run(main: Callable[[list[str]], int | None], flags_parser: Callable = parse_flags) -> None:
+    """`app.run(main)` for an entry point: flag errors as one line (exit 2), library log lines left
+    out, extra arguments refused, and Ctrl-C as one line with exit code 130, no traceback."""
+
+    def entry(argv: list[str]) -> int | None:
+        refuse_extra_args(argv)
+        logging.get_absl_handler().addFilter(_quiet_libraries)
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print("interrupted (Ctrl-C): stopped; the newest checkpoint, if any, is intact", file=sys.stderr)
+            return INTERRUPTED
+
+    try:
+        app.run(entry, flags_parser=flags_parser)
+    except KeyboardInterrupt:  # during start-up, before main
+        print("interrupted (Ctrl-C) while starting", file=sys.stderr)
+        sys.exit(INTERRUPTED)

@@ -23,12 +23,13 @@ CHOICES = {
     "optim.name": ("adamw", "adam", "sgd", "lion", "adafactor"),
     "optim.schedule": ("cosine", "constant"),
     "mesh.distributed": ("auto", "on", "off"),
+    "train.nonfinite": ("stop", "skip", "ignore"),
     "analysis.criterion": ("aic", "bic"),
 }
 POSITIVE_INTS = (
     "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.d_ff",
     "model.max_len", "data.seq_len", "data.batch_size", "data.synthetic_size", "train.num_steps",
-    "train.log_every", "train.eval_every", "train.eval_batches", "checkpoint.every",
+    "train.log_every", "train.eval_every", "train.max_skipped", "train.eval_batches", "checkpoint.every",
     "checkpoint.keep", "mesh.fsdp", "probes.every", "probes.sample_size", "probes.lin_bins", "probes.topk",
     "probes.rows", "probes.cols", "analysis.workers",
 )  # fmt: skip

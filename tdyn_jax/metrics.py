@@ -1,8 +1,12 @@
-"""Metric writers: WORKDIR/metrics.jsonl (cut back on resume), the log, optional TensorBoard."""
+"""Metric writers: WORKDIR/metrics.jsonl (cut back on resume), the log, optional TensorBoard.
+
+metrics.jsonl is strict JSON, one object per logged step: {"step": int, metric: number or null}; a
+non-finite value (a run that diverged, see `train.nonfinite`) is null."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -12,26 +16,48 @@ import jax
 from absl import logging
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The complete lines of a JSON-lines file; a line cut short (a crash while writing) is skipped."""
-    rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+def _row(line: bytes) -> dict | None:
+    """The metrics row of one line: a JSON object with an integer "step", or None (junk)."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return row if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """(rows, dropped): the readable rows of a metrics JSON-lines file (JSON objects with an integer
+    "step") and the number of other non-empty lines (a line cut short by a crash, bytes that are not
+    UTF-8, JSON that is not such an object)."""
+    rows, dropped = [], 0
+    for line in path.read_bytes().splitlines() if path.exists() else []:
+        row = _row(line)
+        if row is not None:
+            rows.append(row)
+        elif line.strip():
+            dropped += 1
+    return rows, dropped
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keeps the complete lines with step <= last_step (drops what was written after the checkpoint a
-    run resumes from, and a line cut short by a crash)."""
+    """Keeps the readable rows with step <= last_step (drops what was written after the checkpoint a
+    run resumes from); unreadable lines are dropped with one warning."""
     if not path.exists():
         return
-    kept = [json.dumps(row) for row in read_jsonl(path) if row["step"] <= last_step]
+    rows, dropped = read_jsonl(path)
+    if dropped:
+        logging.warning("%s: dropped %d unreadable line(s) (not a JSON object with a step)", path, dropped)
+    kept = [_dumps(row) for row in rows if row["step"] <= last_step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+
+
+def _dumps(row: dict) -> str:
+    """Strict JSON: a non-finite number (nan, inf) is written as null."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False)
 
 
 class MetricsWriter:
@@ -62,7 +88,7 @@ class MetricsWriter:
         if not self.active:
             return
         row = {"step": step, **{k: _plain(v) for k, v in values.items()}}
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(_dumps(row) + "\n")
         self.file.flush()
         self.echo(f"step {step}: " + " ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
         if self.tb is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import signal
 import sys
 import time
@@ -23,9 +24,10 @@ from tqdm import tqdm
 
 from tdyn_jax import data as data_lib
 from tdyn_jax import sharding
-from tdyn_jax.checkpoint import Checkpoints, prepare_workdir
+from tdyn_jax.checkpoint import CheckpointError, Checkpoints, check_resume, write_config
 from tdyn_jax.config import ConfigError, to_dict, validate
 from tdyn_jax.dumps import write_dumps
+from tdyn_jax.guard import NonFiniteGuard, NonFiniteStop
 from tdyn_jax.metrics import MetricsWriter
 from tdyn_jax.model import Transformer
 from tdyn_jax.optim import optimizer, schedule
@@ -101,13 +103,21 @@ def make_train_step(
             )(state.params, taps)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        extra = {}
+        if cfg.train.nonfinite == "skip":  # a non-finite step leaves parameters and optimizer state
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            extra["skipped"] = jnp.where(finite, 0.0, 1.0)
         metrics = {
             "loss": loss,
             **parts,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "param_norm": optax.tree.norm(params),
             "update_norm": optax.tree.norm(updates),
             "lr": lr_fn(state.step),
+            **extra,
         }
         new_state = TrainState(state.step + 1, params, opt_state)
         if probe is None:
@@ -159,9 +169,15 @@ def make_eval_step(model: Transformer) -> Callable[[Any, dict], jax.Array]:
 def summarize(
     metrics: list[dict], elapsed: float, timed_steps: int, tokens_per_step: int
 ) -> dict[str, float]:
-    """One log row: the last step's metrics, the interval's mean loss, step time and tokens/s."""
+    """One log row: the last step's metrics, the interval's mean loss (over its finite losses; nan if
+    none), step time and tokens/s; with train.nonfinite=skip, `skipped` counts the interval's skipped
+    steps."""
     row = {k: float(v) for k, v in metrics[-1].items()}
-    row["loss_avg"] = float(np.mean([m["loss"] for m in metrics]))
+    losses = np.array([np.nan if m["loss"] is None else m["loss"] for m in metrics], np.float64)
+    finite = losses[np.isfinite(losses)]
+    row["loss_avg"] = float(finite.mean()) if finite.size else float("nan")
+    if "skipped" in row:
+        row["skipped"] = float(sum(m["skipped"] for m in metrics))
     if timed_steps:
         row["step_time_s"] = elapsed / timed_steps
         row["tokens_per_s"] = tokens_per_step * timed_steps / elapsed
@@ -173,15 +189,20 @@ class StopRequest:
 
     def __init__(self):
         self.signal: int | None = None
+        self.warned = False
         self._previous = {}
         if jax.process_count() == 1:  # multi-host: the Orbax preemption sync point handles SIGTERM
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        if self.signal is not None:  # a second signal: stop now, without the final checkpoint
+        if self.signal is None:
+            self.signal = signum
+        elif not self.warned:  # a second signal: say what the run is waiting for
+            self.warned = True
+            print("stopping: saving the checkpoint first (once more to quit without it)", file=sys.stderr)
+        else:  # a third: quit now; the previous checkpoint stays intact
             raise KeyboardInterrupt
-        self.signal = signum
 
     def restore(self) -> None:
         """Reinstalls the handlers that were there before."""
@@ -281,45 +302,76 @@ def _check_patterns(field: str, patterns: tuple[str, ...], sites: set[str], pref
 
 
 class Interval:
-    """The steps since the last log line: their metrics (still on the devices), their count and time;
-    the first step after a (re)start is timed apart, as compile time."""
+    """The steps since the last log line: their metrics (fetched from the devices when asked), their
+    count and time; the first step after a (re)start is timed apart, as compile time. `carried`: the
+    losses (and skipped flags) of this interval's steps taken before a restart, from the checkpoint."""
 
-    def __init__(self, start: int, tokens_per_step: int):
+    def __init__(self, start: int, tokens_per_step: int, carried: list[dict] | None = None):
         self.start, self.tokens_per_step = start, tokens_per_step
-        self.pending: list[dict] = []
+        self.pending: list[tuple[int, dict]] = []  # (step, metrics on the devices)
+        self.fetched: list[dict] = list(carried or [])
         self.compile_s: dict[str, float] = {}  # reported once, on the first logged line
         self.began, self.steps = time.perf_counter(), 0
 
     def add(self, done: int, metrics: dict) -> None:
         """Records the metrics of the step that brought the run to step `done`."""
-        self.pending.append(metrics)
+        self.pending.append((done, metrics))
         self.steps += 1
         if done == self.start + 1:  # exclude compilation from the throughput figures
             jax.block_until_ready(metrics)
             self.compile_s["compile_s"] = time.perf_counter() - self.began
             self.began, self.steps = time.perf_counter(), 0
 
+    def fetch(self) -> list[tuple[int, dict[str, float]]]:
+        """The steps recorded since the last fetch, with their metrics as floats (waits for them)."""
+        rows = [(done, {k: float(v) for k, v in m.items()}) for done, m in jax.device_get(self.pending)]
+        self.pending = []
+        self.fetched += [m for _, m in rows]
+        return rows
+
+    def carry(self) -> list[dict]:
+        """What `summarize` needs of this interval's earlier steps, as JSON (kept with a checkpoint)."""
+        self.fetch()
+        keys = ("loss", "skipped")
+        return [{k: m[k] if math.isfinite(m[k]) else None for k in keys if k in m} for m in self.fetched]
+
     def close(self) -> dict[str, float]:
         """The log row of the interval (waits for its steps, which run asynchronously); starts anew."""
-        fetched = jax.device_get(self.pending)
-        row = summarize(fetched, time.perf_counter() - self.began, self.steps, self.tokens_per_step)
+        self.fetch()
+        row = summarize(self.fetched, time.perf_counter() - self.began, self.steps, self.tokens_per_step)
         row.update(self.compile_s)
-        self.pending, self.compile_s = [], {}
+        self.fetched, self.compile_s = [], {}
         self.began, self.steps = time.perf_counter(), 0
         return row
 
 
 def restore_or_init(
     program: Program, ckpt: Checkpoints, batches: data_lib.Batches, workdir: Path
-) -> TrainState:
-    """The newest checkpoint's state (and the data iterator's position), or the initial state."""
-    latest = ckpt.latest_step()
-    if latest is None:
-        return program.init()
-    state, data_state = ckpt.restore(latest, program.abstract_state)
-    batches.restore(data_state)
-    logging.info("resumed %s from step %d", workdir, latest)
-    return state
+) -> tuple[TrainState, list[dict]]:
+    """(state, open log interval) of the newest checkpoint that restores (the data iterator moved to
+    its position), or (initial state, []). Newer checkpoints that do not restore are moved aside to
+    checkpoints/<step>.corrupt, one warning each; CheckpointError when none restores (nothing moved)."""
+    steps = ckpt.all_steps()
+    if not steps:
+        return program.init(), []
+    failed: list[tuple[int, str]] = []
+    for step in steps:
+        try:
+            state, data_state, log = ckpt.restore(step, program.abstract_state)
+            batches.restore(data_state)
+            break
+        except Exception as e:  # whatever a damaged file raises: Orbax, TensorStore, JSON, shapes
+            failed.append((step, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]))
+    else:
+        raise CheckpointError(
+            f"no checkpoint in {ckpt.directory} restores (newest, {steps[0]}: {failed[0][1]}); "
+            "move the directory aside to start the run over"
+        )
+    for bad, reason in failed:
+        target = ckpt.move_aside(bad)
+        logging.warning("checkpoint %d does not restore (%s): moved aside to %s", bad, reason, target)
+    logging.info("resumed %s from step %d", workdir, step)
+    return state, log.get("interval", [])
 
 
 def take_step(
@@ -338,11 +390,16 @@ def take_step(
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
-    """Trains (or resumes) the run in `workdir`; returns the last logged metrics (with their step)."""
+    """Trains (or resumes) the run in `workdir`; returns the last logged metrics with their step (only
+    the step when nothing was trained).
+
+    Raises NonFiniteStop when train.nonfinite stops the run, ConfigError, DataError or CheckpointError
+    for a user mistake (before anything is written)."""
     workdir = Path(workdir)
     sharding.maybe_initialize_distributed(cfg.mesh)
     validate(cfg, jax.device_count())
     config = to_dict(cfg)
+    check_resume(workdir, config)
     train_tokens, val_tokens = data_lib.load_splits(cfg.data, cfg.model.vocab_size)
     pid, nproc, seq, batch_size = (
         jax.process_index(),
@@ -356,10 +413,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
         jax.config.update("jax_compilation_cache_dir", str(data_lib.cache_dir() / "xla"))
     mesh = sharding.make_mesh(cfg)
     program = build(cfg, mesh)
-    prepare_workdir(workdir, config)
 
     ckpt = Checkpoints(workdir, cfg.checkpoint)
-    state = restore_or_init(program, ckpt, batches, workdir)
+    try:
+        state, carried = restore_or_init(program, ckpt, batches, workdir)
+    except CheckpointError:
+        ckpt.close()
+        raise
+    write_config(workdir, config)
     start = int(state.step)
     store = ProbeStore(workdir, program.probe_index) if program.probe_step else None
     if store:
@@ -371,6 +432,25 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
         loss = float(np.mean(jax.device_get([program.eval_step(params, b) for b in val_batches])))
         return {"val_loss": loss, "val_ppl": float(np.exp(loss))}
 
+    def stop_at(bad: int, reason: str, done: int) -> NonFiniteStop:
+        """Writes the log row and the captures before step `bad`; the exception that ends the run."""
+        writer.write(done, interval.close())
+        kept = [(s, c) for s, c in captures if s < bad]
+        if kept:
+            store.save(bad, jax.device_get(kept))
+        latest = ckpt.latest_step()
+        resume = (
+            f"rerun with --config.train.nonfinite=skip to resume from checkpoint {latest} "
+            f"({ckpt.directory / str(latest)}) and step over it"
+            if latest is not None
+            else "no checkpoint was saved: rerun with --config.train.nonfinite=skip to step over it"
+        )
+        return NonFiniteStop(
+            f"{reason} at step {bad} (train.nonfinite={cfg.train.nonfinite}): the captures up to it are "
+            f"saved, no state after step {latest or 0}; {resume}, or start a new run with a lower optim.lr",
+            bad,
+        )
+
     show_bar = cfg.train.progress_bar and sys.stderr.isatty() and jax.process_index() == 0
     bar = tqdm(total=cfg.train.num_steps, initial=start, disable=not show_bar, dynamic_ncols=True)
     echo = (lambda line: bar.write(line, file=sys.stderr)) if show_bar else logging.info
@@ -378,7 +458,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
     stop = StopRequest()
     if start >= cfg.train.num_steps:
         logging.info("%s is already at step %d of %d: nothing to train", workdir, start, cfg.train.num_steps)
-    interval, last = Interval(start, batch_size * seq), {}
+    interval, last = Interval(start, batch_size * seq, carried), {"step": start}
+    guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_skipped)
     try:
         for step in range(start, cfg.train.num_steps):
             batch = sharding.global_batch(next(batches), mesh)
@@ -389,20 +470,27 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
             interval.add(done, metrics)
             bar.update(1)
             stopping = stop.signal is not None or ckpt.reached_preemption(done)
-            final = done == cfg.train.num_steps or stopping
-            evaluate_now = done % cfg.train.eval_every == 0 or done == cfg.train.num_steps
-            if done % cfg.train.log_every == 0 or evaluate_now or final:
+            final = done == cfg.train.num_steps
+            evaluate_now = done % cfg.train.eval_every == 0 or final
+            log_now = done % cfg.train.log_every == 0 or evaluate_now  # a stop writes no row
+            save_now = done % cfg.checkpoint.every == 0 or final or stopping
+            if log_now or save_now:
+                halt = guard.check(interval.fetch())
+                if halt:
+                    raise stop_at(*halt, done)
+            if log_now:
                 row = interval.close() | (evaluate(state.params) if evaluate_now else {})
                 writer.write(done, row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
                 last.update(row, step=done)
-            if done % cfg.checkpoint.every == 0 or final:
+            if save_now:
                 if captures:  # the chunk is on disk before the checkpoint that covers it starts
                     store.save(done, jax.device_get(captures))
                     captures = []
-                ckpt.save(done, state, batches.state, config)
+                ckpt.save(done, state, batches.state, config, {"interval": interval.carry()})
             if stopping:
                 logging.warning("stop requested at step %d: checkpoint saved, exiting", done)
+                last["step"] = done
                 break
     finally:
         bar.close()

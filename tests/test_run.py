@@ -128,7 +128,7 @@ def test_kill_and_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_a_checkpoint_exits_zero_and_resumes(tmp_path, sig):
+def test_signal_saves_a_checkpoint_exits_zero_and_resumes_as_if_never_stopped(tmp_path, sig):
     w = tmp_path / "run"
     steps = ["--config.train.num_steps=100000", "--config.checkpoint.every=100000", PLAIN]
     proc = subprocess.Popen(
@@ -140,11 +140,18 @@ def test_signal_saves_a_checkpoint_exits_zero_and_resumes(tmp_path, sig):
     assert proc.returncode == 0, err[-3000:]
     saved = [int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and 0 < saved[0] < 100000
-    assert _metrics(w)[-1]["step"] == saved[0]
+    rows = _metrics(w)  # the stop writes no row of its own: rows stay aligned to log_every
+    assert rows and all(r["step"] % 5 == 0 and r["step"] <= saved[0] for r in rows)
     resumed = run_tiny(w, f"--config.train.num_steps={saved[0] + 10}", PLAIN)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"from step {saved[0]}" in resumed.stderr
     assert _metrics(w)[-1]["step"] == saved[0] + 10
+    if sig == signal.SIGTERM:  # every field but the timings equals an uninterrupted run's
+        ref = tmp_path / "ref"
+        assert run_tiny(ref, f"--config.train.num_steps={saved[0] + 10}", PLAIN).returncode == 0
+        timing = {"step_time_s", "tokens_per_s", "compile_s"}
+        strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
+        assert strip(_metrics(w)) == strip(_metrics(ref))
 
 
 def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path):
@@ -241,8 +248,11 @@ def _assert_same_captures(one, two):
     assert list(one.steps) == list(two.steps)
     merged = one.table.merge(two.table, on=["step", "site", "stat"], suffixes=("_one", "_two"))
     assert len(merged) == len(one.table) == len(two.table)
-    shape = merged.stat.isin(["skewness", "kurtosis"]).to_numpy()  # of nearly equal token norms: see
-    for rows, atol in ((shape, 2e-3), (~shape, 1e-6)):  # test_probes, the float32 rounding of each norm
+    # the skewness and kurtosis of nearly equal token norms (a_norm) depend on the float32 rounding of
+    # each norm and of their mean (see test_probes), which the split over processes changes
+    shape = merged.stat.isin(["skewness", "kurtosis"]).to_numpy()
+    norms = shape & merged.site.str.endswith("/a_norm").to_numpy()
+    for rows, atol in ((norms, 1e-2), (shape & ~norms, 2e-3), (~shape, 1e-6)):
         np.testing.assert_allclose(merged.value_two[rows], merged.value_one[rows], rtol=2e-3, atol=atol)
     for stat, a in one.arrays.items():  # at step 0: later the two runs' parameters differ by ~1e-6,
         b = two.arrays[stat]  # which reshuffles the histogram of a nearly constant tensor (norm gains)

@@ -1,5 +1,7 @@
 """The train step: loss, optimizers, schedule, learning on synthetic data, sharded vs one device."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,6 +104,37 @@ def test_truncate_jsonl_keeps_steps_up_to_checkpoint(tmp_path):
         '{"step": 5, "loss": 1.0}',
         '{"step": 10, "loss": 1.0}',
     ]
+
+
+def test_truncate_jsonl_drops_junk_lines_with_one_warning(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    junk = [
+        b"\xff\xfe not utf-8",
+        b"[1, 2]",
+        b'"a string"',
+        b'{"loss": 1.0}',
+        b'{"step": "5"}',
+        b'{"step": 7',
+    ]
+    good = [b'{"step": 5, "loss": 1.0}', b'{"step": 10, "loss": null}']
+    path.write_bytes(b"\n".join([good[0], *junk, good[1], b"", b'{"step": 15, "loss": 2.0}']) + b"\n")
+    with caplog.at_level("WARNING"):
+        truncate_jsonl(path, 10)
+    assert path.read_bytes().splitlines() == good
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "dropped 6 unreadable line(s)" in warning.getMessage()
+
+
+def test_metrics_writer_writes_non_finite_values_as_null(tmp_path):
+    from tdyn_jax.metrics import MetricsWriter
+
+    writer = MetricsWriter(tmp_path, 0, tensorboard=False, echo=lambda line: None)
+    writer.write(5, {"loss": np.float32("nan"), "grad_norm": float("inf"), "lr": 1e-3})
+    writer.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}")) == {
+        "step": 5, "loss": None, "grad_norm": None, "lr": 1e-3,
+    }  # fmt: skip
 
 
 def test_metrics_writer_writes_jsonl_echo_and_tensorboard(tmp_path):

@@ -29,6 +29,10 @@ class ProbeArray:
         return self.values[:, self.sites.index(name)]
 
 
+class CapturesError(Exception):
+    """The captures of a run cannot be read (no probes directory, or a chunk with strict=True)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Captures:
     """Everything captured in a run: `table` has one row per step x site x scalar statistic
@@ -38,6 +42,7 @@ class Captures:
 
     table: pd.DataFrame
     arrays: dict[str, ProbeArray]
+    missing: tuple[tuple[int, int], ...] = ()  # (first, last) step of each unreadable chunk's captures
 
     @property
     def steps(self) -> np.ndarray:
@@ -45,25 +50,37 @@ class Captures:
         return np.unique(self.table["step"].to_numpy())
 
 
-def load(workdir: str | Path) -> Captures:
+def load(workdir: str | Path, strict: bool = False, quiet: bool = False) -> Captures:
     """Reads every finished chunk of WORKDIR/probes; safe while the run is still writing (chunks in
-    progress are not listed, nothing is cleaned up)."""
+    progress are not listed, nothing is cleaned up). A chunk that does not read is skipped with one
+    warning naming it and the steps whose captures it held (`Captures.missing`; none with `quiet`),
+    or raises CapturesError with `strict`."""
     root = probes_dir(workdir)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} does not exist: the run has no captures (probes.enabled=False?)")
-    chunks = []
+        raise CapturesError(f"{root} does not exist: the run has no captures (probes.enabled=False?)")
+    chunks, missing, warnings = [], [], []
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.ERROR)  # read_only mode warns that it is read only
     try:
         options = ocp.CheckpointManagerOptions(read_only=True)
         manager = ocp.CheckpointManager(root, item_names=ITEMS, options=options)
+        with manager:
+            previous = 0
+            for step in sorted(manager.all_steps()):
+                try:
+                    chunks.append(_read_chunk(manager, step))
+                except Exception as e:  # whatever a damaged file raises: Orbax, TensorStore, JSON
+                    reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                    chunk, held = root / str(step), f"the captures of steps {previous} to {step - 1}"
+                    if strict:
+                        raise CapturesError(f"{chunk} does not read ({reason}); it held {held}") from e
+                    warnings.append(f"skipping {chunk} ({reason}): it held {held}")
+                    missing.append((previous, step - 1))
+                previous = step
     finally:
         logging.set_verbosity(verbosity)
-    with manager:
-        for step in manager.all_steps():
-            args = ocp.args.Composite(captures=ocp.args.StandardRestore(), index=ocp.args.JsonRestore())
-            restored = manager.restore(step, args=args)
-            chunks.append((restored["captures"], decode_index(restored["index"])))
+    for line in [] if quiet else warnings:
+        logging.warning("%s", line)
     steps = np.concatenate([np.asarray(c["steps"]) for c, _ in chunks]) if chunks else np.zeros(0, np.int64)
     order = np.argsort(steps, kind="stable")
     values: dict[str, list[np.ndarray]] = {}
@@ -71,7 +88,7 @@ def load(workdir: str | Path) -> Captures:
     for captures, index in chunks:
         for stat, value in flatten(captures["stats"], sep="/").items():
             if sites.setdefault(stat, index[stat]) != index[stat]:
-                raise ValueError(f"{root}: the sites of {stat!r} differ between chunks")
+                raise CapturesError(f"{root}: the sites of {stat!r} differ between chunks")
             values.setdefault(stat, []).append(np.asarray(value))
     frames, arrays = [], {}
     for stat, parts in sorted(values.items()):
@@ -94,4 +111,16 @@ def load(workdir: str | Path) -> Captures:
         )
     columns = ["step", "site", "layer", "stat", "value", "sampled"]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
-    return Captures(table[columns], arrays)
+    return Captures(table[columns], arrays, tuple(missing))
+
+
+def _read_chunk(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict[str, list[str]]]:
+    """(captures, index) of chunk `step`, checked for shape: one row per capture step and site."""
+    args = ocp.args.Composite(captures=ocp.args.StandardRestore(), index=ocp.args.JsonRestore())
+    restored = manager.restore(step, args=args)
+    captures, index = restored["captures"], decode_index(restored["index"])
+    count = len(np.asarray(captures["steps"]))
+    for stat, value in flatten(captures["stats"], sep="/").items():
+        if stat not in index or np.shape(value)[:2] != (count, len(index[stat])):
+            raise ValueError(f"statistic {stat!r} does not match the chunk's index")
+    return captures, index

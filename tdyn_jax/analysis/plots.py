@@ -206,10 +206,17 @@ def energy(captures: Captures, kinds: list[str], path: Path) -> Path:
 def lowprec(captures: Captures, kinds: list[str], path: Path, step: int | None = None) -> Path:
     """Relative error of C at one capture step (default: the last), mean over layers, per matmul kind:
     A and W quantized (each format and scaling) next to the E/R formats (E exponent only or exact,
-    R on k bits)."""
-    step = int(captures.steps[-1]) if step is None else step
+    R on k bits). The default step is the last with finite errors (a run that diverged has none after)."""
     t = captures.table
-    rows = t[(t.step == step) & t.site.str.endswith("/lowprec") & t.stat.str.endswith("rel_err")]
+    rows = t[t.site.str.endswith("/lowprec") & t.stat.str.endswith("rel_err") & np.isfinite(t.value)]
+    if step is None:
+        step = int(rows.step.max()) if len(rows) else int(captures.steps[-1])
+    rows = rows[rows.step == step]
+    if rows.empty:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, f"no finite low-precision error at step {step}", ha="center", va="center")
+        ax.set_axis_off()
+        return save(fig, path)
     rows = rows.assign(kind=[layer_free(s).removesuffix("/lowprec") for s in rows.site])
     table = rows[rows.kind.isin(kinds)].groupby(["kind", "stat"])["value"].mean().unstack("stat")
     order = [c for c in table.columns if not c.startswith(("er/", "r"))]

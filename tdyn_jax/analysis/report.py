@@ -11,6 +11,7 @@ import html
 import multiprocessing
 import os
 import re
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -27,7 +28,7 @@ from tdyn_jax.metrics import read_jsonl
 
 def read_metrics(workdir: Path) -> pd.DataFrame:
     """The complete lines of WORKDIR/metrics.jsonl (a line being written is skipped)."""
-    return pd.DataFrame(read_jsonl(workdir / "metrics.jsonl"))
+    return pd.DataFrame(read_jsonl(workdir / "metrics.jsonl")[0])
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -55,11 +56,15 @@ def write_report(
 
     `sites` (fnmatch patterns over site names, with or without the layer) and `steps` restrict what is
     analysed; `kind_patterns` choose the kinds that get histogram, QQ, heatmap and animation figures.
+    Everything is written into WORKDIR/analysis.tmp, which then replaces WORKDIR/analysis: a report
+    cut short leaves the previous one (or none) in place, never half of one. Raises CapturesError or
+    ValueError (nothing written) when there is nothing to analyse.
     """
     workdir = Path(workdir)
-    out = workdir / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
     captures = restrict(load(workdir), sites, steps)
+    final, out = workdir / "analysis", workdir / "analysis.tmp"
+    shutil.rmtree(out, ignore_errors=True)  # left by a report cut short
+    out.mkdir(parents=True)
     fits = fit_captures(captures, workers=workers, progress=progress)
     fits_csv = fits.to_csv(index=False, float_format="%.9g")
     write_atomic(out / "fits.csv", fits_csv)
@@ -74,7 +79,7 @@ def write_report(
     bar = tqdm(total=len(jobs), desc="figures", disable=not progress, unit="fig")
     if workers > 1 and len(jobs) > 1:
         # each process loads the same captures (the same steps, even if the run has moved on)
-        setup = (workdir, sites, captures.steps.tolist(), criterion, matmuls)
+        setup = (workdir, out, sites, captures.steps.tolist(), criterion, matmuls)
         context = multiprocessing.get_context("spawn")  # no fork of a process that ran JAX threads
         with ProcessPoolExecutor(min(workers, len(jobs)), context, _start_worker, setup) as pool:
             for job, name in zip(jobs, pool.map(_draw, jobs, [out] * len(jobs)), strict=True):
@@ -88,9 +93,14 @@ def write_report(
     bar.close()
     found = _findings(captures, fits, chosen, matmuls, criterion)
     config = (workdir / "config.json").read_text() if (workdir / "config.json").exists() else "{}"
-    page = out / "report.html"
-    write_atomic(page, _html(workdir, captures, metrics, config, found, drawn))
-    return page
+    write_atomic(out / "report.html", _html(workdir, captures, metrics, config, found, drawn))
+    old = workdir / "analysis.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(out, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final / "report.html"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,11 +160,11 @@ def _use(data: _Data) -> None:
 
 
 def _start_worker(
-    workdir: Path, sites: list[str] | None, steps: list[int], criterion: str, matmuls: list[str]
+    workdir: Path, out: Path, sites: list[str] | None, steps: list[int], criterion: str, matmuls: list[str]
 ) -> None:
-    """Loads a figure process's data: the parent's captures (same steps) and its fits.csv."""
-    captures = restrict(load(workdir), sites, steps)
-    fits = pd.read_csv(workdir / "analysis" / "fits.csv")
+    """Loads a figure process's data: the parent's captures (same steps) and its fits.csv in `out`."""
+    captures = restrict(load(workdir, quiet=True), sites, steps)
+    fits = pd.read_csv(out / "fits.csv")
     _use(_Data(captures, fits, read_metrics(workdir), matmuls, criterion))
 
 
@@ -215,8 +225,11 @@ def _html(
         ("capture steps", ", ".join(str(s) for s in captures.steps)),
         ("sites captured", str(captures.table.site.nunique())),
         ("last logged step", str(int(last["step"])) if "step" in last else "none"),
-        ("last loss", f"{last['loss']:.4f}" if "loss" in last else "none"),
+        ("last loss", f"{last['loss']:.4f}" if pd.notna(last.get("loss")) else "none"),
     ]
+    if captures.missing:  # chunks of the probe store that did not read
+        gaps = ", ".join(f"steps {first} to {last_step}" for first, last_step in captures.missing)
+        summary.append(("captures missing (unreadable chunks)", gaps))
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',

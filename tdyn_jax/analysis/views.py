@@ -97,7 +97,7 @@ def restrict(captures: Captures, sites: list[str] | None = None, steps: list[int
         if columns:
             values = array.values[rows][:, columns]
             out[stat] = ProbeArray(array.steps[rows], [array.sites[i] for i in columns], values)
-    return Captures(table, out)
+    return Captures(table, out, captures.missing)
 
 
 def _matches(site: str, pattern: str) -> bool:

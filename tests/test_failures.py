@@ -1,0 +1,273 @@
+"""The failure paths: a run that diverges, damaged checkpoints, and what the user sees of each."""
+
+import json
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import run_tiny
+
+from tdyn_jax.analysis import load
+
+PLAIN = "--config.probes.enabled=False"
+# sgd at lr 1 with heavy momentum and no norm: the tiny model's loss is nan after about 30 steps
+DIVERGE = (
+    "--config.optim.name=sgd", "--config.optim.lr=1", "--config.optim.grad_clip=0",
+    "--config.optim.momentum=0.99", "--config.model.norm=none", "--config.train.num_steps=60",
+)  # fmt: skip
+
+
+def _strict_rows(workdir: Path) -> list[dict]:
+    """metrics.jsonl parsed as strict JSON (NaN or Infinity tokens fail the test)."""
+    text = (workdir / "metrics.jsonl").read_text()
+    bad = lambda token: pytest.fail(f"metrics.jsonl is not strict JSON: {token}")
+    return [json.loads(line, parse_constant=bad) for line in text.splitlines()]
+
+
+def _checkpoints(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_step_and_keeps_what_was_good(tmp_path):
+    w = tmp_path / "run"
+    done = run_tiny(w, *DIVERGE, "--config.analysis.report=True")
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    found = re.match(
+        r"error: non-finite (loss|grad_norm) \(\w+\) at step (\d+) \(train.nonfinite=stop\)", line
+    )
+    assert found, line
+    bad = int(found.group(2))
+    saved = _checkpoints(w)
+    assert saved and max(saved) < bad and f"checkpoints/{max(saved)}" in line  # only finite states
+    rows = _strict_rows(w)
+    assert rows[-1]["loss"] is None or rows[-1]["grad_norm"] is None  # the blow-up, as null
+    assert all(r["loss"] is not None for r in rows if r["step"] < bad - 5)
+    captures = load(w)  # readable, up to the step that blew up
+    assert list(captures.steps) == list(range(0, bad, 5))
+    assert "report: " in done.stdout and (w / "analysis" / "report.html").exists()
+    # the same command resumes from the newest (finite) checkpoint and stops at the same step
+    again = run_tiny(w, *DIVERGE, "--config.analysis.report=False")
+    assert again.returncode == 3 and f"at step {bad} " in again.stderr.strip().splitlines()[-1]
+    assert f"from step {max(saved)}" in again.stderr
+
+
+def test_skip_leaves_the_state_unchanged_and_stops_after_max_skipped_in_a_row(tmp_path):
+    w = tmp_path / "run"
+    done = run_tiny(w, *DIVERGE, "--config.train.nonfinite=skip", "--config.train.max_skipped=4", PLAIN)
+    assert done.returncode == 3, done.stderr[-3000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert re.match(r"error: 4 non-finite steps in a row \(train.max_skipped\) at step \d+ ", line), line
+    rows = _strict_rows(w)
+    assert any(r["skipped"] > 0 for r in rows) and all(0 <= r["skipped"] <= 5 for r in rows)
+    for step in _checkpoints(w):  # skipped steps never reach the state
+        state = _restore_params(w, step)
+        assert all(np.isfinite(v).all() for v in jax.tree.leaves(state)), step
+
+
+def _restore_params(workdir: Path, step: int):
+    import orbax.checkpoint as ocp
+
+    path = workdir / "checkpoints" / str(step) / "state"
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(path).item_metadata.tree
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), meta)
+        return ckptr.restore(path, target)["params"]
+
+
+def _largest(directory: Path) -> Path:
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir: Path) -> None:
+    data = _largest(step_dir / "state" / "d")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+
+
+def _overwrite(step_dir: Path) -> None:
+    data = _largest(step_dir / "state" / "d")
+    data.write_bytes(np.random.default_rng(0).bytes(data.stat().st_size))
+
+
+def _empty_dir(directory: Path) -> None:
+    import shutil
+
+    for p in directory.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+CORRUPTIONS = {
+    "data file truncated": _truncate,
+    "data file overwritten": _overwrite,
+    "_METADATA emptied": lambda d: (d / "state" / "_METADATA").write_bytes(b""),
+    "manifest.ocdbt garbage": lambda d: (d / "state" / "manifest.ocdbt").write_bytes(b"garbage" * 20),
+    "state/ deleted": lambda d: __import__("shutil").rmtree(d / "state"),
+    "data/ deleted": lambda d: __import__("shutil").rmtree(d / "data"),
+    "step directory emptied": _empty_dir,
+}
+
+
+@pytest.fixture(scope="module")
+def finished_plain_run(tmp_path_factory):
+    """A tiny run without capture, 20 steps, checkpoints 10 and 20."""
+    w = tmp_path_factory.mktemp("plain") / "run"
+    done = run_tiny(w, PLAIN)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _checkpoints(w) == [10, 20]
+    return w
+
+
+def _restore(workdir: Path):
+    """restore_or_init of the tiny config on `workdir`, in this process: (state, data iterator)."""
+    from configs import tiny
+    from tdyn_jax import data as data_lib
+    from tdyn_jax import sharding
+    from tdyn_jax.checkpoint import Checkpoints
+    from tdyn_jax.train import build, restore_or_init
+
+    cfg = tiny.get_config()
+    cfg.probes.enabled = False
+    mesh = sharding.make_mesh(cfg, jax.devices()[:1])
+    program = build(cfg, mesh)
+    tokens, _ = data_lib.load_splits(cfg.data, cfg.model.vocab_size)
+    batches = data_lib.Batches(tokens, cfg.data.seq_len, cfg.data.batch_size, cfg.seed)
+    ckpt = Checkpoints(workdir, cfg.checkpoint)
+    try:
+        state, _ = restore_or_init(program, ckpt, batches, workdir)
+    finally:
+        ckpt.close()
+    return state, batches
+
+
+@pytest.mark.parametrize("case", CORRUPTIONS)
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_restores(
+    finished_plain_run, tmp_path, caplog, case
+):
+    import shutil
+
+    w = tmp_path / "run"
+    shutil.copytree(finished_plain_run, w)
+    CORRUPTIONS[case](w / "checkpoints" / "20")
+    with caplog.at_level("WARNING"):
+        state, batches = _restore(w)
+    assert int(state.step) == 10 and batches.state["index"] == 10
+    assert (w / "checkpoints" / "20.corrupt").is_dir() and not (w / "checkpoints" / "20").exists()
+    assert _checkpoints(w) == [10]
+    ours = [r for r in caplog.records if r.levelname == "WARNING" and "/tdyn_jax/" in r.pathname]
+    (warning,) = [r.getMessage() for r in ours]
+    assert warning.startswith("checkpoint 20 does not restore (") and "moved aside to" in warning
+
+
+def _snapshot(workdir: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+
+
+def test_when_no_checkpoint_restores_the_run_stops_with_one_line_and_changes_nothing(
+    finished_plain_run, tmp_path
+):
+    import shutil
+
+    w = tmp_path / "run"
+    shutil.copytree(finished_plain_run, w)
+    for step in (10, 20):
+        CORRUPTIONS["_METADATA emptied"](w / "checkpoints" / str(step))
+    before = _snapshot(w)
+    done = run_tiny(w, PLAIN, "--config.train.num_steps=30")
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: no checkpoint in {w / 'checkpoints'} restores (newest, 20: "), line
+    assert _snapshot(w) == before
+
+
+def test_a_run_resumes_past_a_damaged_checkpoint_and_cuts_its_logs_back(finished_plain_run, tmp_path):
+    import shutil
+
+    w = tmp_path / "run"
+    shutil.copytree(finished_plain_run, w)
+    CORRUPTIONS["data file truncated"](w / "checkpoints" / "20")
+    done = run_tiny(w, PLAIN, "--config.train.num_steps=30")
+    assert done.returncode == 0, done.stderr[-3000:]
+    warnings = [line for line in done.stderr.splitlines() if "does not restore" in line]
+    assert len(warnings) == 1 and "checkpoint 20 does not restore" in warnings[0]
+    assert "from step 10" in done.stderr
+    assert [r["step"] for r in _strict_rows(w)] == [5, 10, 15, 20, 25, 30]
+    assert _checkpoints(w) == [20, 30] and (w / "checkpoints" / "20.corrupt").is_dir()
+
+
+PROBE_CORRUPTIONS = {
+    "truncated": lambda d: _truncate_file(_largest(d / "captures")),
+    "random bytes": lambda d: _largest(d / "captures").write_bytes(np.random.default_rng(1).bytes(4096)),
+    "index/ deleted": lambda d: __import__("shutil").rmtree(d / "index"),
+    "captures/ deleted": lambda d: __import__("shutil").rmtree(d / "captures"),
+}
+
+
+def _truncate_file(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("case", PROBE_CORRUPTIONS)
+def test_an_unreadable_probe_chunk_is_skipped_with_one_warning(tiny_run, tmp_path, caplog, case):
+    import shutil
+
+    from tdyn_jax.analysis import CapturesError
+
+    w = tmp_path / "run"
+    shutil.copytree(tiny_run[0], w)
+    PROBE_CORRUPTIONS[case](w / "probes" / "10")
+    with caplog.at_level("WARNING"):
+        captures = load(w)
+    assert list(captures.steps) == [10, 15] and captures.missing == ((0, 9),)
+    ours = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(ours) == 1 and ours[0].startswith(f"skipping {w.absolute() / 'probes' / '10'} (")
+    assert ours[0].endswith("it held the captures of steps 0 to 9")
+    with pytest.raises(CapturesError, match="does not read"):
+        load(w, strict=True)
+
+
+def test_the_report_of_a_run_with_an_unreadable_chunk_says_what_is_missing(tiny_run, tmp_path):
+    import shutil
+
+    from conftest import ENV, ROOT
+
+    w = tmp_path / "run"
+    shutil.copytree(tiny_run[0], w)
+    shutil.rmtree(w / "analysis")
+    PROBE_CORRUPTIONS["index/ deleted"](w / "probes" / "10")
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "experiments/analyze.py", f"--workdir={w}"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        "Traceback" not in done.stderr and len([x for x in done.stderr.splitlines() if "skipping" in x]) == 1
+    )
+    page = (w / "analysis" / "report.html").read_text()
+    assert "captures missing (unreadable chunks)</th><td>steps 0 to 9<" in page
+    assert "capture steps</th><td>10, 15<" in page
+
+
+def test_a_finished_run_whose_report_was_cut_short_writes_it_on_rerun(tiny_run, tmp_path):
+    import shutil
+
+    w = tmp_path / "run"
+    shutil.copytree(tiny_run[0], w)
+    shutil.move(w / "analysis", w / "analysis.tmp")  # a kill while the report was written
+    (w / "analysis.tmp" / "report.html").unlink()
+    done = run_tiny(
+        w,
+        f"--config.probes.at_steps=({2},)",
+        f"--config.probes.dump_steps=({2},)",
+        "--config.probes.dump_sites=('layer_01/resid/out', 'layer_00/mlp/up')",
+        "--config.analysis.report=True",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "report is missing: writing it" in done.stdout
+    assert (w / "analysis" / "report.html").exists() and not (w / "analysis.tmp").exists()

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import signal
 import sys
-from pathlib import Path
 
-import ml_collections
-from absl import flags, logging
-from ml_collections import config_flags
+# Ctrl-C while the libraries load: exit 130 without a traceback (cli.run takes over from there)
+signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
-from tdyn_jax import cli
-from tdyn_jax.cli import fail
+from pathlib import Path  # noqa: E402
+
+import ml_collections  # noqa: E402
+from absl import flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from tdyn_jax import cli  # noqa: E402
+from tdyn_jax.cli import fail  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>); rerun to resume.")
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/small.py.")

@@ -10,7 +10,6 @@ animations and page), with the number of figures it drew.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from absl import flags
 
@@ -21,13 +20,13 @@ from tdyn_jax.analysis.fit import FAMILIES, fit, fit_captures
 from tdyn_jax.analysis.report import write_report
 
 flags.DEFINE_string("workdir", None, "A run directory with captures (e.g. runs/small).")
-flags.DEFINE_integer("workers", 2, "Threads for the parallel fit.")
+flags.DEFINE_integer("workers", 2, "Threads for the parallel fit.", lower_bound=1)
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv: list[str]) -> None:
     del argv
-    workdir = Path(flags.FLAGS.workdir)
+    workdir = cli.run_directory(flags.FLAGS.workdir)
     start = time.perf_counter()
     captures = load(workdir)
     print(f"load: {time.perf_counter() - start:.2f} s")

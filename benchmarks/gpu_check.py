@@ -24,8 +24,10 @@ from tdyn_jax import data as data_lib
 from tdyn_jax.train import is_capture_step
 
 config_flags.DEFINE_config_file("config", "configs/gpu_125m.py", "Config file.")
-flags.DEFINE_integer("steps", 300, "Steps to train (probed at step 0 and every probes.every).")
-flags.DEFINE_integer("peak_size", 8192, "Side of the square bf16 matmul that measures the peak.")
+flags.DEFINE_integer("steps", 300, "Steps to train (probed at step 0 and every probes.every).", lower_bound=1)
+flags.DEFINE_integer(
+    "peak_size", 8192, "Side of the square bf16 matmul that measures the peak.", lower_bound=1
+)
 
 GIB = 2**30
 

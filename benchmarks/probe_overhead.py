@@ -22,7 +22,7 @@ from tdyn_jax import cli
 from tdyn_jax.probe_store import ProbeStore
 
 config_flags.DEFINE_config_file("config", "configs/small.py", "Config file.")
-flags.DEFINE_integer("rounds", 10, "Timed rounds of (plain, probed) after one warm-up round.")
+flags.DEFINE_integer("rounds", 10, "Timed rounds of (plain, probed) after one warm-up round.", lower_bound=1)
 
 MIB = 2**20
 

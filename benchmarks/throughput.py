@@ -23,8 +23,8 @@ from tdyn_jax.model import DTYPES
 from tdyn_jax.train import build
 
 config_flags.DEFINE_config_file("config", "configs/small.py", "Config file.")
-flags.DEFINE_integer("steps", 30, "Timed steps (after two warm-up steps).")
-flags.DEFINE_integer("peak_size", 2048, "Side of the square matmul that measures the peak.")
+flags.DEFINE_integer("steps", 30, "Timed steps (after two warm-up steps).", lower_bound=1)
+flags.DEFINE_integer("peak_size", 2048, "Side of the square matmul that measures the peak.", lower_bound=1)
 
 
 def main(_: list[str]) -> None:

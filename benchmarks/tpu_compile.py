@@ -27,7 +27,9 @@ flags.DEFINE_string(
     "v5e:8x8",
     "TPU topology to compile for (v5e:2x2, v5e:8x8, v5p:2x2x2), or 'local' for this machine.",
 )
-flags.DEFINE_float("hbm_gib", 16.0, "Memory of one chip, to say whether the steps fit (v5e: 16 GiB).")
+flags.DEFINE_float(
+    "hbm_gib", 16.0, "Memory of one chip, to say whether the steps fit (v5e: 16 GiB).", lower_bound=0.001
+)
 
 GIB = 2**30
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from absl import flags
 
@@ -29,9 +28,7 @@ def main(argv: list[str]) -> None:
     from tdyn_jax.analysis.load import CapturesError
     from tdyn_jax.analysis.report import write_report
 
-    workdir = Path(flags.FLAGS.workdir)
-    if not (workdir / "config.json").exists():
-        fail(f"{workdir} is not a run directory (no config.json): pass the --workdir of a run")
+    workdir = cli.run_directory(flags.FLAGS.workdir)
     saved = json.loads((workdir / "config.json").read_text()).get("analysis", {})
     defaults = base.get_config().analysis
     try:
@@ -47,6 +44,7 @@ def main(argv: list[str]) -> None:
             criterion=flags.FLAGS.criterion or saved.get("criterion", defaults.criterion),
             workers=saved.get("workers", defaults.workers),
             progress=sys.stderr.isatty(),
+            require_kinds=bool(flags.FLAGS.kinds),
         )
     except (CapturesError, ValueError) as e:
         fail(str(e))

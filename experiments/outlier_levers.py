@@ -59,8 +59,6 @@ def main(argv: list[str]) -> None:
     from tdyn_jax.analysis import levers, study, study_plots, verdicts
     from tdyn_jax.analysis.load import load
     from tdyn_jax.analysis.report import read_metrics, write_atomic
-    from tdyn_jax.config import ConfigError
-    from tdyn_jax.data import DataError
     from tdyn_jax.train import train
 
     start = time.perf_counter()
@@ -70,10 +68,8 @@ def main(argv: list[str]) -> None:
     for lr, eps, norm in itertools.product(lrs, epss, norms):
         cfg = outlier_levers.with_lever(base, lr, eps, norm)
         workdir = root / cfg.name.split("/", 1)[1]
-        try:
-            train(cfg, workdir)
-        except (ConfigError, DataError) as e:
-            fail(str(e))
+        cli.refuse_other_run(workdir, cfg.name)
+        train(cfg, workdir)
         captures, metrics = load(workdir), read_metrics(workdir)
         summary = levers.run_summary(captures, metrics)
         rows.append({"lr": lr, "eps": eps, "norm": norm, **summary})

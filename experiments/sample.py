@@ -6,7 +6,6 @@ python experiments/sample.py --workdir=runs/small [--prompt="ROMEO."] [--tempera
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,7 @@ from tdyn_jax.train import build
 
 flags.DEFINE_string("workdir", "runs/small", "Run directory holding config.json and checkpoints/.")
 flags.DEFINE_string("prompt", "\n", "Text the sample continues.")
-flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy.")
+flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy.", lower_bound=0.0)
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
@@ -44,7 +43,7 @@ def sample(apply_fn, params, prompt: np.ndarray, length: int, temperature: float
 
 
 def main(_: list[str]) -> None:
-    workdir = Path(flags.FLAGS.workdir)
+    workdir = cli.run_directory(flags.FLAGS.workdir)
     cfg = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     cfg.probes.enabled = False  # sampling needs only the model
     mesh = sharding.make_mesh(cfg, jax.devices()[:1])
@@ -52,7 +51,8 @@ def main(_: list[str]) -> None:
     ckpt = Checkpoints(workdir, cfg.checkpoint)
     step = ckpt.latest_step()
     if step is None:
-        raise SystemExit(f"error: {workdir} has no checkpoint yet: train first")
+        ckpt.close()
+        cli.fail(f"{workdir} has no checkpoint yet: train first")
     state, _, _ = ckpt.restore(step, program.abstract_state)
     ckpt.close()
     prompt = data_lib.encode([flags.FLAGS.prompt.encode()])

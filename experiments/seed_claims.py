@@ -15,12 +15,11 @@ from absl import flags
 
 from configs import seed_claims
 from tdyn_jax import cli
-from tdyn_jax.cli import fail
 
 flags.DEFINE_enum("scale", "cpu", list(seed_claims.SCALES), "Size of the run (configs/seed_claims.py).")
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>); rerun to resume.")
 flags.DEFINE_string("out", "results", "Directory of seed_claims.md and its figures.")
-flags.DEFINE_integer("workers", 2, "Threads that fit the distributions.")
+flags.DEFINE_integer("workers", 2, "Threads that fit the distributions.", lower_bound=1)
 
 
 def main(argv: list[str]) -> None:
@@ -30,17 +29,13 @@ def main(argv: list[str]) -> None:
     from tdyn_jax.analysis.fit import fit_captures
     from tdyn_jax.analysis.load import load
     from tdyn_jax.analysis.report import read_metrics, write_atomic
-    from tdyn_jax.config import ConfigError
-    from tdyn_jax.data import DataError
     from tdyn_jax.train import train
 
     start = time.perf_counter()
     cfg = seed_claims.get_config(flags.FLAGS.scale)
     workdir = Path(flags.FLAGS.workdir or f"runs/{cfg.name}")
-    try:
-        train(cfg, workdir)
-    except (ConfigError, DataError) as e:
-        fail(str(e))
+    cli.refuse_other_run(workdir, cfg.name)
+    train(cfg, workdir)
     trained = time.perf_counter()
 
     captures = load(workdir)

@@ -3,9 +3,13 @@ Ctrl-C one line and exit code 130, and the libraries' log lines stay out of the 
 
 from __future__ import annotations
 
+import json
 import logging as std_logging
+import os
+import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from absl import app, flags, logging
@@ -52,18 +56,53 @@ def _quiet_libraries(record: std_logging.LogRecord) -> bool:
     return record.levelno >= std_logging.ERROR or "/tdyn_jax/" in record.pathname
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exception types that mean a user mistake (their message names it and the fix)."""
+    from tdyn_jax.analysis.load import CapturesError
+    from tdyn_jax.checkpoint import CheckpointError
+    from tdyn_jax.config import ConfigError
+    from tdyn_jax.data import DataError
+
+    return ConfigError, DataError, CheckpointError, CapturesError
+
+
+def run_directory(path: str) -> Path:
+    """`path` as a run directory (one holding config.json), or one line and exit 2."""
+    workdir = Path(path)
+    if not (workdir / "config.json").is_file():
+        fail(f"{workdir} is not a run directory (no config.json): pass the --workdir of a run")
+    return workdir
+
+
+def refuse_other_run(workdir: Path, name: str) -> None:
+    """Exit 2 with one line if `workdir` holds a run of another config than `name` (a study script
+    pointed at someone else's run)."""
+    path = workdir / "config.json"
+    saved = json.loads(path.read_text()).get("name") if path.is_file() else name
+    if saved != name:
+        fail(f"{workdir} holds the run {saved!r}, not {name!r}: pass another --workdir")
+
+
 def run(main: Callable[[list[str]], int | None], flags_parser: Callable = parse_flags) -> None:
-    """`app.run(main)` for an entry point: flag errors as one line (exit 2), library log lines left
-    out, extra arguments refused, and Ctrl-C as one line with exit code 130, no traceback."""
+    """`app.run(main)` for an entry point: flag errors and the project's user errors as one line
+    (exit 2), library log lines left out, extra arguments refused, and Ctrl-C as one line with exit
+    code 130, no traceback."""
 
     def entry(argv: list[str]) -> int | None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt again
         refuse_extra_args(argv)
         logging.get_absl_handler().addFilter(_quiet_libraries)
         try:
             return main(argv)
+        except Exception as e:
+            if isinstance(e, user_errors()):
+                fail(str(e))
+            raise
         except KeyboardInterrupt:
             print("interrupted (Ctrl-C): stopped; the newest checkpoint, if any, is intact", file=sys.stderr)
-            return INTERRUPTED
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(INTERRUPTED)  # now: a compilation still running must not outlive the interpreter
 
     try:
         app.run(entry, flags_parser=flags_parser)

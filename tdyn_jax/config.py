@@ -80,6 +80,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         value = get(cfg, field)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{field}={value!r} must be a positive integer")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**31 - 1:
+        raise ConfigError(f"seed={cfg.seed!r} must be an integer in [0, 2^31 - 2]")
     m, d, o = cfg.model, cfg.data, cfg.optim
     if m.d_model % m.num_heads:
         raise ConfigError(

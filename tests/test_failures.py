@@ -271,3 +271,26 @@ def test_a_finished_run_whose_report_was_cut_short_writes_it_on_rerun(tiny_run, 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "report is missing: writing it" in done.stdout
     assert (w / "analysis" / "report.html").exists() and not (w / "analysis.tmp").exists()
+
+
+@pytest.mark.parametrize("delay", [0.3, 2.0])  # while importing, while building and compiling
+def test_ctrl_c_while_starting_exits_130_quietly(tmp_path, delay):
+    import signal
+    import subprocess
+    import time
+
+    from conftest import ENV, ROOT, run_cmd
+
+    w = tmp_path / "run"
+    # a model of its own, 12 unrolled layers: compiled afresh for seconds, so the signal lands first
+    model = ("--config.model.d_ff=48", "--config.model.num_layers=12", "--config.model.scan_layers=False")
+    cmd = run_cmd(
+        w, PLAIN, *model, "--config.train.num_steps=100000", "--config.train.compilation_cache=False"
+    )
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and len([x for x in err.splitlines() if x.strip()]) <= 1, err
+    assert not (w / "config.json").exists() and not (w / "metrics.jsonl").exists()

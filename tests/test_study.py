@@ -36,6 +36,8 @@ def test_seed_claims_tiny(tiny_run, tmp_path):
     """The study on the session's finished tiny run (configs/seed_claims.py:tiny differs from it only in
     fields a resume may change): nothing left to train, every claim measured."""
     shutil.copytree(tiny_run[0], tmp_path / "run", ignore=shutil.ignore_patterns("analysis", "dumps"))
+    saved = tmp_path / "run" / "config.json"  # the study refuses another config's run: name it as its own
+    saved.write_text(saved.read_text().replace('"name": "tiny"', '"name": "seed_claims_tiny"'))
     out = tmp_path / "results"
     done = script("seed_claims", f"--workdir={tmp_path / 'run'}", f"--out={out}")
     assert done.returncode == 0, done.stderr[-3000:]

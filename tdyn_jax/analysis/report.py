@@ -51,6 +51,7 @@ def write_report(
     criterion: str = "bic",
     workers: int = 2,
     progress: bool = True,
+    require_kinds: bool = False,
 ) -> Path:
     """Writes WORKDIR/analysis/{fits.csv, *.png, *.gif, report.html} and returns the page's path.
 
@@ -58,10 +59,18 @@ def write_report(
     analysed; `kind_patterns` choose the kinds that get histogram, QQ, heatmap and animation figures.
     Everything is written into WORKDIR/analysis.tmp, which then replaces WORKDIR/analysis: a report
     cut short leaves the previous one (or none) in place, never half of one. Raises CapturesError or
-    ValueError (nothing written) when there is nothing to analyse.
+    ValueError (nothing written) when there is nothing to analyse, or with `require_kinds` when a
+    kind pattern matches no captured kind.
     """
     workdir = Path(workdir)
     captures = restrict(load(workdir), sites, steps)
+    available = kinds(captures, "sample")
+    for pattern in kind_patterns if require_kinds else ():
+        if not select_kinds(available, [pattern]):
+            raise ValueError(
+                f"kind pattern {pattern!r} matches no captured kind, e.g. {', '.join(available[:4])}"
+            )
+    chosen = select_kinds(available, kind_patterns)
     final, out = workdir / "analysis", workdir / "analysis.tmp"
     shutil.rmtree(out, ignore_errors=True)  # left by a report cut short
     out.mkdir(parents=True)
@@ -70,7 +79,6 @@ def write_report(
     write_atomic(out / "fits.csv", fits_csv)
     binned = fit_histograms(captures).to_csv(index=False, float_format="%.9g")
     write_atomic(out / "fits_histogram.csv", binned)
-    chosen = select_kinds(kinds(captures, "sample"), kind_patterns)
     matmuls = [k.removesuffix("/E") for k in kinds(captures, "log2_range") if k.endswith("/E")]
     metrics = read_metrics(workdir)
     data = _Data(captures, fits, metrics, matmuls, criterion)

@@ -1,0 +1,139 @@
+"""Every entry point, every mistake: one `error:` line, exit code 2, no traceback, nothing written.
+
+Each case runs its script in a directory of its own (a copy of the session's tiny run, a regular file,
+an empty directory, a path that does not exist), which must be byte for byte the same afterwards. The
+cases run in parallel, once, in a module fixture; each test reads its case's result.
+"""
+
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import ENV, ROOT
+
+TINY = "--config=configs/tiny.py"
+# (script, arguments, the start of what the error line says after "error: "); {run} is a finished
+# tiny run, {file} a regular file, {empty} an empty directory, {fresh} a path that does not exist
+CASES = [
+    ("run.py", [TINY, "--workdir={fresh}", "--config.seed=-1"], "seed=-1 must be an integer"),
+    ("run.py", [TINY, "--workdir={file}"], "workdir {file}: {file} is a file"),
+    ("run.py", [TINY, "--workdir={file}/sub"], "workdir {file}/sub: {file} is a file"),
+    (
+        "run.py",
+        [TINY, "--workdir={fresh}", "--config.model.num_heads=3"],
+        "model.d_model=32 is not divisible",
+    ),
+    ("run.py", [TINY, "--workdir={fresh}", "--foo=1"], "Unknown command line flag 'foo'"),
+    ("run.py", ["--config=configs/nope.py", "--workdir={fresh}"], "cannot load the config file"),
+    ("run.py", [TINY, "--workdir={fresh}", "--config.model.nope=1"], "unknown config field"),
+    ("run.py", ["--workdir={fresh}"], "--config is required"),
+    ("run.py", [TINY, "--workdir={fresh}", "extra"], "unexpected arguments: extra"),
+    (
+        "run.py",
+        [TINY, "--workdir={fresh}", "--config.train.nonfinite=maybe"],
+        "train.nonfinite='maybe' is not",
+    ),
+    ("run.py", [TINY, "--workdir={fresh}", "--config.train.max_skipped=0"], "train.max_skipped=0 must be"),
+    (
+        "run.py",
+        [TINY, "--workdir={fresh}", "--config.probes.sites=('atn/*',)"],
+        "probes.sites pattern 'atn/*'",
+    ),
+    ("run.py", [TINY, "--workdir={fresh}", "--config.data.source=text"], "data.source=text needs data.path"),
+    ("run.py", [TINY, "--workdir={fresh}", "--config.optim.lr=0"], "optim.lr=0"),
+    ("run.py", [TINY, "--workdir={run}", "--config.model.num_layers=3"], "cannot resume {run}"),
+    ("run.py", [TINY, "--workdir={fresh}", "--config.probes.rows=0"], "probes.rows=0 must be"),
+    ("run.py", [TINY, "--workdir={fresh}", "--config.probes.cols=-3"], "probes.cols=-3 must be"),
+    (
+        "run.py",
+        [TINY, "--workdir={fresh}", "--config.model.vocab_size=100"],
+        "model.vocab_size=100 is too small",
+    ),
+    ("run.py", [TINY, "--workdir={fresh}", "--config.data.seq_len=1000"], "data.seq_len=1000 exceeds"),
+    ("run.py", [TINY, "--workdir={fresh}", "--config.train.num_steps=abc"], ""),
+    ("run.py", [TINY, "--workdir={fresh}", "--config.probes.formats=('fp4',)"], "probes.formats entry 'fp4'"),
+    ("run.py", [TINY, "--workdir={fresh}", "--config.probes.every=0"], "probes.every=0 must be"),
+    (
+        "run.py",
+        [
+            TINY,
+            "--workdir={fresh}",
+            "--config.probes.dump_steps=(2,)",
+            "--config.probes.dump_sites=('layer_09/*',)",
+        ],
+        "probes.dump_sites pattern 'layer_09/*'",
+    ),
+    ("benchmarks/throughput.py", [TINY, "--config.model.num_heads=3"], "model.d_model=32 is not divisible"),
+    ("benchmarks/throughput.py", [TINY, "--steps=0"], "flag --steps=0"),
+    ("benchmarks/probe_overhead.py", [TINY, "--rounds=0"], "flag --rounds=0"),
+    ("benchmarks/probe_overhead.py", [TINY, "--config.probes.sites=('atn/*',)"], "probes.sites pattern"),
+    ("benchmarks/analysis_speed.py", ["--workdir={fresh}"], "{fresh} is not a run directory"),
+    ("benchmarks/analysis_speed.py", ["--workdir={empty}"], "{empty} is not a run directory"),
+    ("benchmarks/analysis_speed.py", ["--workdir={run}", "--workers=0"], "flag --workers=0"),
+    ("benchmarks/tpu_compile.py", [TINY, "--hbm_gib=0"], "flag --hbm_gib=0"),
+    ("benchmarks/gpu_check.py", [TINY, "--steps=0"], "flag --steps=0"),
+    ("experiments/sample.py", ["--workdir={fresh}"], "{fresh} is not a run directory"),
+    ("experiments/sample.py", ["--workdir={empty}"], "{empty} is not a run directory"),
+    ("experiments/sample.py", ["--workdir={run}", "--temperature=-1"], "flag --temperature=-1"),
+    ("experiments/sample.py", ["--workdir={run}", "extra"], "unexpected arguments: extra"),
+    ("experiments/analyze.py", ["--workdir={fresh}"], "{fresh} is not a run directory"),
+    ("experiments/analyze.py", [], "flag --workdir=None"),
+    ("experiments/analyze.py", ["--workdir={run}", "--kinds=nomatch"], "kind pattern 'nomatch' matches no"),
+    ("experiments/analyze.py", ["--workdir={run}", "--sites=nomatch"], "site pattern 'nomatch' matches no"),
+    ("experiments/analyze.py", ["--workdir={run}", "--steps=abc"], "--steps=abc must be step numbers"),
+    ("experiments/analyze.py", ["--workdir={run}", "--steps=999"], "steps [999] were not captured"),
+    ("experiments/analyze.py", ["--workdir={run}", "--criterion=xyz"], "flag --criterion=xyz"),
+    ("experiments/seed_claims.py", ["--scale=tiny", "--workdir={run}"], "{run} holds the run 'tiny'"),
+    ("experiments/seed_claims.py", ["--workers=0"], "flag --workers=0"),
+    ("experiments/outlier_levers.py", ["--scale=tiny", "--lrs=abc"], "--lrs and --eps take numbers"),
+    ("experiments/outlier_levers.py", ["--scale=tiny", "--norms=weird"], "--norms: unknown weird"),
+    ("experiments/outlier_levers.py", ["--scale=bogus"], "flag --scale=bogus"),
+]
+
+
+def _snapshot(root: Path) -> dict:
+    return {p.relative_to(root): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def _run_case(index: int, root: Path, run: Path) -> tuple[subprocess.CompletedProcess, dict, dict, dict]:
+    case = root / f"case_{index:02d}"
+    shutil.copytree(run, case / "run")
+    (case / "file").write_text("not a directory\n")
+    (case / "empty").mkdir()
+    names = {k: str(case / k) for k in ("run", "file", "empty", "fresh")}
+    script, args, _ = CASES[index]
+    before = _snapshot(case)
+    done = subprocess.run(
+        [sys.executable, script, *(a.format(**names) for a in args)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    return done, before, _snapshot(case), names
+
+
+@pytest.fixture(scope="module")
+def results(tiny_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mistakes")
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(lambda i: _run_case(i, root, tiny_run[0]), range(len(CASES))))
+
+
+def test_the_table_has_forty_mistakes_over_every_entry_point():
+    scripts = {script for script, _, _ in CASES}
+    entry_points = {"run.py"} | {
+        f"{d}/{p.name}" for d in ("experiments", "benchmarks") for p in (ROOT / d).glob("*.py")
+    }
+    assert len(CASES) >= 40 and scripts == entry_points - {"benchmarks/bench.py"}
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{s} {' '.join(a)}"[:90] for s, a, _ in CASES])
+def test_a_mistake_is_one_line_exit_2_and_changes_nothing(results, index):
+    done, before, after, names = results[index]
+    expected = CASES[index][2].format(**names)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), lines
+    assert after == before  # nothing written, moved or deleted

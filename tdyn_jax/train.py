@@ -332,8 +332,9 @@ class Interval:
     def carry(self) -> list[dict]:
         """What `summarize` needs of this interval's earlier steps, as JSON (kept with a checkpoint)."""
         self.fetch()
+        finite = lambda v: v is not None and math.isfinite(v)  # carried values may be null already
         keys = ("loss", "skipped")
-        return [{k: m[k] if math.isfinite(m[k]) else None for k in keys if k in m} for m in self.fetched]
+        return [{k: m[k] if finite(m[k]) else None for k in keys if k in m} for m in self.fetched]
 
     def close(self) -> dict[str, float]:
         """The log row of the interval (waits for its steps, which run asynchronously); starts anew."""

@@ -185,3 +185,22 @@ def test_pod_config_lowers_with_fsdp_sharding_on_eight_devices():
     text = program.train_step.lower(program.abstract_state, batch).as_text()
     assert '<["data"=1, "fsdp"=8]>' in text
     assert text.count("tf.aliasing_output") >= len(jax.tree.leaves(program.abstract_state))  # donated
+
+
+def test_interval_carries_its_losses_through_a_restart_null_for_non_finite():
+    from tdyn_jax.train import Interval
+
+    first = Interval(0, 1)
+    for done, loss in ((1, 2.0), (2, float("nan")), (3, 4.0)):
+        first.add(done, {"loss": jnp.float32(loss), "skipped": jnp.float32(np.isnan(loss))})
+    carried = json.loads(json.dumps(first.carry(), allow_nan=False))  # what the checkpoint holds
+    assert carried == [
+        {"loss": 2.0, "skipped": 0.0},
+        {"loss": None, "skipped": 1.0},
+        {"loss": 4.0, "skipped": 0.0},
+    ]
+    again = Interval(3, 1, carried)
+    assert again.carry() == carried  # a second stop before the next log line
+    again.add(4, {"loss": jnp.float32(6.0), "skipped": jnp.float32(0.0)})
+    row = again.close()
+    assert row["loss_avg"] == 4.0 and row["skipped"] == 1.0 and row["loss"] == 6.0

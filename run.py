@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 
-# Ctrl-C while the libraries load: exit 130 without a traceback (cli.run takes over from there)
-signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+from tdyn_jax.cli import quit_on_interrupt
+
+quit_on_interrupt()  # before the libraries load: Ctrl-C from the first moment is one line, exit 130
 
 from pathlib import Path  # noqa: E402
 

@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from absl import app, flags, logging
 
@@ -83,13 +83,28 @@ def refuse_other_run(workdir: Path, name: str) -> None:
         fail(f"{workdir} holds the run {saved!r}, not {name!r}: pass another --workdir")
 
 
+def quit_on_interrupt(
+    message: str = "interrupted (Ctrl-C): stopped; the newest checkpoint, if any, is intact",
+) -> None:
+    """Makes Ctrl-C print `message` and exit 130 at once. The handler raises nothing (library code
+    may swallow an exception raised in a signal handler, e.g. in a garbage-collection callback) and
+    leaves no compilation running past the interpreter (os._exit)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        print(message, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(INTERRUPTED)
+
+    signal.signal(signal.SIGINT, handler)
+
+
 def run(main: Callable[[list[str]], int | None], flags_parser: Callable = parse_flags) -> None:
     """`app.run(main)` for an entry point: flag errors and the project's user errors as one line
     (exit 2), library log lines left out, extra arguments refused, and Ctrl-C as one line with exit
-    code 130, no traceback."""
+    code 130, no traceback (`quit_on_interrupt`; the train loop handles it itself)."""
+    quit_on_interrupt()
 
     def entry(argv: list[str]) -> int | None:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt again
         refuse_extra_args(argv)
         logging.get_absl_handler().addFilter(_quiet_libraries)
         try:
@@ -98,14 +113,5 @@ def run(main: Callable[[list[str]], int | None], flags_parser: Callable = parse_
             if isinstance(e, user_errors()):
                 fail(str(e))
             raise
-        except KeyboardInterrupt:
-            print("interrupted (Ctrl-C): stopped; the newest checkpoint, if any, is intact", file=sys.stderr)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(INTERRUPTED)  # now: a compilation still running must not outlive the interpreter
 
-    try:
-        app.run(entry, flags_parser=flags_parser)
-    except KeyboardInterrupt:  # during start-up, before main
-        print("interrupted (Ctrl-C) while starting", file=sys.stderr)
-        sys.exit(INTERRUPTED)
+    app.run(entry, flags_parser=flags_parser)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import os
 import signal
 import sys
 import time
@@ -201,8 +202,11 @@ class StopRequest:
         elif not self.warned:  # a second signal: say what the run is waiting for
             self.warned = True
             print("stopping: saving the checkpoint first (once more to quit without it)", file=sys.stderr)
-        else:  # a third: quit now; the previous checkpoint stays intact
-            raise KeyboardInterrupt
+        else:  # a third: quit now (raising could be swallowed); the previous checkpoint stays intact
+            print(
+                "quit without the final checkpoint; the previous one is intact", file=sys.stderr, flush=True
+            )
+            os._exit(130)
 
     def restore(self) -> None:
         """Reinstalls the handlers that were there before."""

@@ -290,7 +290,10 @@ def test_ctrl_c_while_starting_exits_130_quietly(tmp_path, delay):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # a run that ignored the signal must not outlive the test
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and len([x for x in err.splitlines() if x.strip()]) <= 1, err
     assert not (w / "config.json").exists() and not (w / "metrics.jsonl").exists()

@@ -50,6 +50,7 @@ def _wait_for(predicate, proc, timeout=120):
             return
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         time.sleep(0.05)
+    proc.kill()
     raise AssertionError("timed out waiting for the run")
 
 
@@ -136,7 +137,10 @@ def test_signal_saves_a_checkpoint_exits_zero_and_resumes_as_if_never_stopped(tm
     )
     _wait_for(lambda: (w / "metrics.jsonl").exists() and (w / "metrics.jsonl").stat().st_size, proc)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # a run that ignored the signal must not outlive the test
     assert proc.returncode == 0, err[-3000:]
     saved = [int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and 0 < saved[0] < 100000
@@ -209,7 +213,11 @@ def _run_two_processes(workdir, *overrides):
         )
         for i in range(2)
     ]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:  # neither process outlives the test
+            p.kill()
     for p, err in zip(procs, errs, strict=True):
         assert p.returncode == 0, err[-3000:]
     return errs

@@ -98,7 +98,7 @@ def _format_stats(
         qw, w_under, w_over = quantize(w_cols, fmt, scales[1])
         return a_under, a_over, w_under, w_over, rel_error(_rows_matmul(qa, qw), exact)
 
-    a_under, a_over, w_under, w_over, errors = jax.vmap(one_scaling)((sa, sw))
+    a_under, a_over, w_under, w_over, errors = jax.lax.map(one_scaling, (sa, sw))
     out = {}
     for i, sc in enumerate(scalings):
         name = f"{fmt}/{sc}"
@@ -126,8 +126,7 @@ def lowprec_stats(
     each row has its own W). For each format F and scaling S (F/S/...): a_underflow, a_overflow of
     a_rows, w_underflow, w_overflow of w_cols, and rel_err = ||Q(A) Q(W) - A W|| / ||A W|| (Frobenius,
     over the grid). Channel scaling scales A per row (token) and W per column (output channel). The
-    scalings of one format are computed together (vmapped: a third of the operations, each on a grid
-    of bounded size).
+    scalings of one format run one after the other in a loop, so one quantized copy is alive at a time.
     For each k in r_bits, with Q_k(R) = round(R L) / L, L = 2^(k-1) - 1 (k uniform bits on [-1, 1]):
     r{k}/rel_err rebuilds C as E_ij * Q_k(R_ij) (E exact: it is only the n + m norms), and for each f
     in e_frac_bits er/e{f}/r{k}/rel_err as log_quantize(E_ij, f) * Q_k(R_ij) (E in the log domain).

@@ -78,7 +78,10 @@ def refuse_other_run(workdir: Path, name: str) -> None:
     """Exit 2 with one line if `workdir` holds a run of another config than `name` (a study script
     pointed at someone else's run)."""
     path = workdir / "config.json"
-    saved = json.loads(path.read_text()).get("name") if path.is_file() else name
+    try:
+        saved = json.loads(path.read_text()).get("name") if path.is_file() else name
+    except (OSError, ValueError, AttributeError) as e:
+        fail(f"cannot read {path} ({type(e).__name__}): restore it or pass another --workdir")
     if saved != name:
         fail(f"{workdir} holds the run {saved!r}, not {name!r}: pass another --workdir")
 

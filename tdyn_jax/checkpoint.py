@@ -15,6 +15,12 @@ from jax.experimental import multihost_utils
 from tdyn_jax.config import ConfigError, resume_conflicts
 
 
+def unreadable_reason(e: Exception) -> str:
+    """One short line for why a file did not read: the exception's type and first line."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}"[:200]
+
+
 class CheckpointError(Exception):
     """No checkpoint of a run restores; the message names the directory and what to do."""
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from tdyn_jax import data as data_lib
 from tdyn_jax import sharding
-from tdyn_jax.checkpoint import CheckpointError, Checkpoints, check_resume, write_config
+from tdyn_jax.checkpoint import CheckpointError, Checkpoints, check_resume, unreadable_reason, write_config
 from tdyn_jax.config import ConfigError, to_dict, validate
 from tdyn_jax.dumps import write_dumps
 from tdyn_jax.guard import NonFiniteGuard, NonFiniteStop
@@ -366,7 +366,7 @@ def restore_or_init(
             batches.restore(data_state)
             break
         except Exception as e:  # whatever a damaged file raises: Orbax, TensorStore, JSON, shapes
-            failed.append((step, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]))
+            failed.append((step, unreadable_reason(e)))
     else:
         raise CheckpointError(
             f"no checkpoint in {ckpt.directory} restores (newest, {steps[0]}: {failed[0][1]}); "

@@ -21,6 +21,24 @@ DUMP_STEP = 2
 DUMP_SITES = ("layer_01/resid/out", "layer_00/mlp/up")
 
 
+def saved_params(workdir, step):
+    """The parameters of checkpoint `step` of a run, restored on one device."""
+    import orbax.checkpoint as ocp
+
+    path = Path(workdir) / "checkpoints" / str(step) / "state"
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(path).item_metadata.tree
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), meta)
+        return ckptr.restore(path, target)["params"]
+
+
+def snapshot(root):
+    """{path under root: its bytes (None for a directory)}: to check that nothing was written."""
+    root = Path(root)
+    return {p.relative_to(root): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
 def run_cmd(workdir, *overrides):
     """The run.py command line of a tiny run in `workdir`."""
     return [sys.executable, "run.py", "--config=configs/tiny.py", f"--workdir={workdir}", *overrides]

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import ENV, ROOT
+from conftest import ENV, ROOT, snapshot
 
 TINY = "--config=configs/tiny.py"
 # (script, arguments, the start of what the error line says after "error: "); {run} is a finished
@@ -94,10 +94,6 @@ CASES = [
 ]
 
 
-def _snapshot(root: Path) -> dict:
-    return {p.relative_to(root): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
-
-
 def _run_case(index: int, root: Path, run: Path) -> tuple[subprocess.CompletedProcess, dict, dict, dict]:
     case = root / f"case_{index:02d}"
     shutil.copytree(run, case / "run")
@@ -105,12 +101,12 @@ def _run_case(index: int, root: Path, run: Path) -> tuple[subprocess.CompletedPr
     (case / "empty").mkdir()
     names = {k: str(case / k) for k in ("run", "file", "empty", "fresh")}
     script, args, _ = CASES[index]
-    before = _snapshot(case)
+    before = snapshot(case)
     done = subprocess.run(
         [sys.executable, script, *(a.format(**names) for a in args)],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    return done, before, _snapshot(case), names
+    return done, before, snapshot(case), names
 
 
 @pytest.fixture(scope="module")

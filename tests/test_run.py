@@ -7,12 +7,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pandas as pd
 import pytest
-from conftest import DUMP_SITES, DUMP_STEP, ENV, ROOT, run_cmd, run_tiny
+from conftest import DUMP_SITES, DUMP_STEP, ENV, ROOT, run_cmd, run_tiny, saved_params, snapshot
 
 from tdyn_jax.analysis import load
 from tdyn_jax.analysis.report import write_report
@@ -23,15 +21,6 @@ PLAIN = "--config.probes.enabled=False"  # for the tests of the loop itself: no 
 
 def _metrics(workdir):
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def _final_params(workdir, step):
-    path = Path(workdir) / "checkpoints" / str(step) / "state"
-    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(path).item_metadata.tree
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), meta)
-        return ckptr.restore(path, target)["params"]
 
 
 def _leaves(tree, prefix=""):
@@ -111,7 +100,7 @@ def test_kill_and_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     resumed = run_tiny(crashed, *steps)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed" in resumed.stderr
-    ref_params, new_params = _leaves(_final_params(ref, 1000)), _leaves(_final_params(crashed, 1000))
+    ref_params, new_params = _leaves(saved_params(ref, 1000)), _leaves(saved_params(crashed, 1000))
     assert ref_params.keys() == new_params.keys()
     for name, value in ref_params.items():
         assert np.array_equal(value, new_params[name]), f"{name} differs after kill and resume"
@@ -183,12 +172,12 @@ def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path):
 def test_incompatible_resume_is_refused_and_leaves_the_run_as_it_was(tmp_path):
     w = tmp_path / "run"
     assert run_tiny(w, "--config.train.num_steps=10", PLAIN).returncode == 0
-    before = {p: p.read_bytes() for p in w.rglob("*") if p.is_file()}
+    before = snapshot(w)
     refused = run_tiny(w, "--config.model.num_layers=3", "--config.train.num_steps=20", PLAIN)
     assert refused.returncode == 2
     line = refused.stderr.strip().splitlines()[-1]
     assert line.startswith("error: cannot resume") and "model.num_layers=2 (saved) vs 3" in line
-    assert {p: p.read_bytes() for p in w.rglob("*") if p.is_file()} == before
+    assert snapshot(w) == before
 
 
 def _free_port():
@@ -231,7 +220,7 @@ def test_two_process_run_matches_one_process_and_resumes(tiny_run, tmp_path):
     dumps = [f"--config.probes.at_steps=({DUMP_STEP},)", f"--config.probes.dump_steps=({DUMP_STEP},)"]
     dumps.append(f"--config.probes.dump_sites={DUMP_SITES!r}")
     _run_two_processes(multi, *dumps)
-    one, two = _leaves(_final_params(single, 20)), _leaves(_final_params(multi, 20))
+    one, two = _leaves(saved_params(single, 20)), _leaves(saved_params(multi, 20))
     for name, value in one.items():
         np.testing.assert_allclose(two[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
     assert [r["step"] for r in _metrics(multi)] == [5, 10, 15, 20]  # written once, by process 0
@@ -288,6 +277,6 @@ def test_resume_on_a_different_mesh_reshards_the_checkpoint(tmp_path):
     )
     assert eight.returncode == 0, eight.stderr[-3000:]
     assert "from step 10" in eight.stderr
-    one, resharded = _leaves(_final_params(ref, 20)), _leaves(_final_params(moved, 20))
+    one, resharded = _leaves(saved_params(ref, 20)), _leaves(saved_params(moved, 20))
     for name, value in one.items():
         np.testing.assert_allclose(resharded[name], value, rtol=1e-5, atol=1e-6, err_msg=name)

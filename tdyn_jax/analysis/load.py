@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pandas as pd
 from absl import logging
 
+from tdyn_jax.checkpoint import unreadable_reason
 from tdyn_jax.config import flatten
 from tdyn_jax.probe_store import ITEMS, decode_index, probes_dir
 from tdyn_jax.probes.naming import layer_of
@@ -70,7 +71,7 @@ def load(workdir: str | Path, strict: bool = False, quiet: bool = False) -> Capt
                 try:
                     chunks.append(_read_chunk(manager, step))
                 except Exception as e:  # whatever a damaged file raises: Orbax, TensorStore, JSON
-                    reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                    reason = unreadable_reason(e)
                     chunk, held = root / str(step), f"the captures of steps {previous} to {step - 1}"
                     if strict:
                         raise CapturesError(f"{chunk} does not read ({reason}); it held {held}") from e

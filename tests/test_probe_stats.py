@@ -3,6 +3,7 @@ references computed on the same float32 data."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -126,20 +127,20 @@ def ref_range_loss(x, fmt, s):
     return under, over
 
 
-def matmul64(a, w):
-    """a (r, k) times w (k, m), or one (k, m) per row for w (r, k, m), in float64."""
+def matmul64(a, w, slot=None):
+    """a (r, k) times w (k, m), or times w[slot[i]] for row i of w (G, k, m), in float64."""
     a, w = np.asarray(a, np.float64), np.asarray(w, np.float64)
-    return a @ w if w.ndim == 2 else np.einsum("rk,rkm->rm", a, w)
+    return a @ w if slot is None else np.einsum("rk,rkm->rm", a, w[slot])
 
 
 def rel_err64(approx, exact):
     return np.linalg.norm(approx - exact) / np.linalg.norm(exact)
 
 
-def ref_lowprec_stats(a, w, a_rows, w_rows, formats, scalings, r_bits, e_frac_bits):
+def ref_lowprec_stats(a, w, a_rows, w_rows, formats, scalings, r_bits, e_frac_bits, slot=None):
     """float64 version of `lowprec.lowprec_stats` built from the ml_dtypes casts: everything on the rows,
     the per-tensor scales from the whole operands."""
-    exact = matmul64(a_rows, w_rows)
+    exact = matmul64(a_rows, w_rows, slot)
     out = {}
     for fmt in formats:
         for scaling in scalings:
@@ -149,11 +150,11 @@ def ref_lowprec_stats(a, w, a_rows, w_rows, formats, scalings, r_bits, e_frac_bi
                 sa, sw = ref_scale(a_rows, fmt, scaling, -1), ref_scale(w_rows, fmt, scaling, -2)
             out[f"{name}/a_underflow"], out[f"{name}/a_overflow"] = ref_range_loss(a_rows, fmt, sa)
             out[f"{name}/w_underflow"], out[f"{name}/w_overflow"] = ref_range_loss(w_rows, fmt, sw)
-            approx = matmul64(ref_quantize(a_rows, fmt, sa), ref_quantize(w_rows, fmt, sw))
+            approx = matmul64(ref_quantize(a_rows, fmt, sa), ref_quantize(w_rows, fmt, sw), slot)
             out[f"{name}/rel_err"] = rel_err64(approx, exact)
     u = np.linalg.norm(np.asarray(a_rows, np.float64), axis=-1)[:, None]
     v = np.linalg.norm(np.asarray(w_rows, np.float64), axis=-2)
-    e = u * v
+    e = u * (v if slot is None else v[slot])
     r = exact / e
     for k in r_bits:
         levels = 2.0 ** (k - 1) - 1
@@ -205,9 +206,9 @@ _lowprec_stats = jax.jit(
 )
 
 
-def lowprec_stats(a, w, a_rows, w_cols):
+def lowprec_stats(a, w, a_rows, w_cols, slot=None):
     """`lowprec.lowprec_stats` with the absmax of the whole operands a and w."""
-    return _lowprec_stats((np.abs(a).max(), np.abs(w).max()), a_rows, w_cols)
+    return _lowprec_stats((np.abs(a).max(), np.abs(w).max()), a_rows, w_cols, slot)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -429,6 +430,8 @@ def test_random_indices_are_uniform_and_seeded():
     np.testing.assert_array_equal(idx, draw(np.uint32(7), 200_000, 100, 0))
     assert np.mean(idx != np.asarray(draw(np.uint32(8), 200_000, 100, 0))) > 0.98
     assert np.mean(idx != np.asarray(draw(np.uint32(7), 200_000, 100, 1))) > 0.98
+    nearby = np.stack([np.asarray(draw(np.uint32(seed), 64, 2**20, 0)) for seed in range(7, 12)])
+    assert len(np.unique(nearby)) > nearby.size - 3  # nearby seeds: unrelated draws, not permutations
     counts = np.bincount(idx, minlength=100)
     assert scipy.stats.chisquare(counts).pvalue > 1e-4
     big = np.asarray(draw(np.uint32(3), 4096, 2**31 - 1, 0))  # the full int32 range
@@ -491,6 +494,53 @@ def test_summary_of_finite_data_takes_the_unmasked_passes_exactly(groups):
     assert masked["nonfinite"] == 1 and masked["frac_zero"] == got["frac_zero"]
     for key in ("mean", "std", "kurtosis"):
         np.testing.assert_allclose(masked[key], ref[key], rtol=1e-4, err_msg=key)
+
+
+def test_group_rows_fall_in_few_groups_and_are_uniform():
+    """A grouped matmul's sampled rows: runs of GROUP_RUN rows in each of G sampled groups, every row
+    uniform over all g x n (chi-square of the groups drawn and of the rows within a group, 400 seeds,
+    fails at 1e-4 for a fair draw); all rows in order when they fit."""
+    from tdyn_jax.probes.capture import GROUP_RUN, group_rows
+
+    g, n, size = 24, 40, 256
+    draw = jax.jit(jax.vmap(lambda seed: group_rows(seed, g, n, size)[:3]))
+    rows, stored, groups = (np.asarray(t) for t in draw(np.arange(400, dtype=np.uint32)))
+    slot = group_rows(np.uint32(0), g, n, size)[3]
+    assert np.array_equal(slot, np.arange(size) // GROUP_RUN) and np.array_equal(rows, stored)
+    assert np.array_equal(rows // n, groups[:, slot])
+    for counts in (
+        np.bincount(groups.ravel(), minlength=g),
+        np.bincount((rows % n).ravel(), minlength=n),
+    ):
+        assert scipy.stats.chisquare(counts).pvalue > 1e-4
+    rows, stored, groups, slot = group_rows(np.uint32(0), 3, 4, 20)
+    assert np.array_equal(rows, np.arange(12)) and np.array_equal(stored[12:], [-1] * 8)
+    assert np.array_equal(groups, np.arange(3)) and np.array_equal(slot, np.arange(12) // 4)
+
+
+def test_tree_stats_of_a_stack_with_a_nan_mask_only_where_needed():
+    """Leaves of one shape are summarised together (vmapped): a nan in one of them is left out of that
+    leaf's statistics, and the other leaves of its stack and of other stacks equal float64 numpy."""
+    from configs import tiny
+    from tdyn_jax.probes.capture import tree_stats
+    from tdyn_jax.probes.spec import ProbeSpec
+
+    spec = dataclasses.replace(ProbeSpec.from_config(tiny.get_config().probes), sites=("*",))
+    rng = np.random.default_rng(3)
+    leaves = {"a": f32(rng.standard_normal((6, 5))), "b": f32(rng.standard_normal((6, 5)) ** 3)}
+    leaves |= {"c": f32(rng.logistic(size=(7,)))}
+    leaves["b"][2, 3] = np.nan
+    blocks = jax.jit(lambda t: tree_stats(spec, t, np.uint32(0)))({"p": leaves})
+    got = {
+        name: {k: np.asarray(v[j]) for k, v in b.items()}
+        for names, b in blocks.items()
+        for j, name in enumerate(names)
+    }
+    for name, x in leaves.items():
+        ref = ref_moments(x)
+        assert got[f"p/{name}"]["nonfinite"] == ref["nonfinite"], name
+        for key in ("mean", "std", "kurtosis", "min", "max"):
+            np.testing.assert_allclose(got[f"p/{name}"][key], ref[key], rtol=1e-4, err_msg=(name, key))
 
 
 def test_summary_of_a_tensor_beyond_int32_traces():
@@ -758,20 +808,21 @@ def test_range_loss(fmt):
 
 
 def lowprec_rows(grouped):
-    """(a, w, sampled rows of a, sampled columns of w): a grid of C = a @ w."""
+    """(a, w, sampled rows of a, sampled columns of w, slot): a grid of C = a @ w; grouped, the columns
+    of both groups' w and the group of each row."""
     a, w = lowprec_data()
     cols = np.array([0, 7, 8, 20, 21, 33, 47])
     if not grouped:  # with the planted overflows
-        return a, w, np.concatenate([a[0, :16], a[1, 10:11]]), w[0][:, cols]
+        return a, w, np.concatenate([a[0, :16], a[1, 10:11]]), w[0][:, cols], None
     rows = np.array([(0, 3), (1, 10), (0, 20), (1, 0), (0, 0), (1, 31), (0, 8), (1, 17)])
-    return a, w, a[rows[:, 0], rows[:, 1]], w[rows[:, 0]][:, :, cols]
+    return a, w, a[rows[:, 0], rows[:, 1]], w[:, :, cols], rows[:, 0]
 
 
 @pytest.mark.parametrize("grouped", [False, True])
 def test_lowprec_stats(grouped):
-    a, w, a_rows, w_rows = lowprec_rows(grouped)
-    got = to_np(lowprec_stats(a, w, a_rows, w_rows))
-    ref = ref_lowprec_stats(a, w, a_rows, w_rows, FORMATS, SCALINGS, R_BITS, E_FRAC_BITS)
+    a, w, a_rows, w_rows, slot = lowprec_rows(grouped)
+    got = to_np(lowprec_stats(a, w, a_rows, w_rows, slot))
+    ref = ref_lowprec_stats(a, w, a_rows, w_rows, FORMATS, SCALINGS, R_BITS, E_FRAC_BITS, slot)
     assert set(got) == set(ref)
     for key, want in ref.items():
         if key.endswith("flow"):

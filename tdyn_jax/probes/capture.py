@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tdyn_jax.probes.energy import correlation, energy_stats, log_split, norms
 from tdyn_jax.probes.lowprec import absmax, lowprec_stats
@@ -45,7 +46,29 @@ def sample_indices(seed: jax.Array, n: int, size: int, stream: int) -> tuple[jax
     return indices, indices
 
 
-ROWS, COLS = 3, 4  # the streams of the sampled rows and columns
+ROWS, COLS, GROUPS = 3, 4, 5  # the streams of the sampled rows, columns and groups
+GROUP_RUN = 16  # sampled rows of a grouped matmul per sampled group
+
+
+def group_rows(
+    seed: jax.Array, g: int, n: int, size: int
+) -> tuple[jax.Array, jax.Array, jax.Array, np.ndarray]:
+    """(rows, stored, groups, slot): `size` sampled rows of a grouped matmul's C, g groups of n rows
+    flattened to g * n, drawn so that they fall in few groups: row i is in group groups[slot[i]].
+
+    All g * n rows in order when they are at most `size` (groups: all g). Else G = max(1, size //
+    GROUP_RUN) groups are drawn uniformly with replacement, row i lies in group slot[i] = i * G // size
+    (runs of about GROUP_RUN rows) and is uniform within it, so every row is uniform over all g * n and
+    the W of the sampled rows is G matrices, not `size` copies. `stored` is `rows` padded with -1.
+    """
+    if g * n <= size:
+        rows, stored = sample_indices(seed, g * n, size, ROWS)
+        return rows, stored, jnp.arange(g, dtype=jnp.int32), np.arange(g * n) // n
+    count = max(1, size // GROUP_RUN)
+    groups = random_indices(seed, count, g, GROUPS)
+    slot = np.arange(size) * count // size
+    rows = groups[slot] * n + random_indices(seed, size, n, ROWS)
+    return rows, rows, groups, slot
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -165,14 +188,19 @@ def matmul(
     k = w.shape[-2]
     parts = {"in": spec.summary(a, seeds[0])} if with_input else {}
     parts["out"] = spec.summary(out, seeds[1])
-    rows, stored_rows = sample_indices(seed, a.size // k, spec.rows, ROWS)
     cols, stored_cols = sample_indices(seed, w.shape[-1], spec.cols, COLS)
-    sampled = {"rows": stored_rows, "cols": stored_cols}
     all_cols = cols.size == w.shape[-1]
     take_cols = (lambda t: t) if all_cols else (lambda t: jnp.take(t, cols, axis=-1))
-    group = rows // a.shape[-2] if grouped else None  # the group of each sampled row
-    per_row = (lambda t: t[group]) if grouped else (lambda t: t)  # the W (or its norms) of each row
-    a_rows, w_cols = token_rows(a, rows), per_row(take_cols(w))
+    if grouped:  # each row's W (or its norms) is one of the sampled groups': w[groups][slot]
+        rows, stored_rows, groups, slot = group_rows(seed, w.shape[0], a.shape[-2], spec.rows)
+        per_group = lambda t: take_cols(t)[groups]
+        per_row = lambda t: per_group(t)[slot]
+    else:
+        rows, stored_rows = sample_indices(seed, a.size // k, spec.rows, ROWS)
+        slot, per_group = None, take_cols
+        per_row = take_cols
+    sampled = {"rows": stored_rows, "cols": stored_cols}
+    a_rows, w_cols = token_rows(a, rows), per_group(w)
     if "energy" in spec.stats:
         u, v = norms(a, w)  # a.shape[:-1], (m,) or (g, m)
         log_only = frozenset({"exp_hist"})  # the norms' moments and dynamic range
@@ -181,13 +209,13 @@ def matmul(
             spec.summary(v, seeds[3], only=log_only),
         )
         parts["E"] = energy_stats(u, v) if grouped else energy_stats(u.reshape(1, -1), v[None])
-        e_grid = u[jnp.unravel_index(rows, u.shape)][:, None] * per_row(take_cols(v))
+        e_grid = u[jnp.unravel_index(rows, u.shape)][:, None] * per_row(v)
         c_grid = token_rows(out, rows, None if all_cols else cols).astype(jnp.float32)
         parts["R"] = spec.summary(correlation(c_grid, e_grid), seeds[4], lin_range=(-1.0, 1.0))
         parts["R"] |= log_split(c_grid, e_grid) | sampled
     if "lowprec" in spec.stats:
         parts["lowprec"] = lowprec_stats(
-            (absmax(a), absmax(w)), a_rows, w_cols, formats=spec.formats, scalings=spec.scalings,
+            (absmax(a), absmax(w)), a_rows, w_cols, slot, formats=spec.formats, scalings=spec.scalings,
             r_bits=spec.r_bits, e_frac_bits=spec.e_frac_bits,
         )  # fmt: skip
         parts["lowprec"] |= sampled
@@ -232,7 +260,8 @@ def tree_stats(spec: ProbeSpec, trees: dict[str, Any], seed: jax.Array) -> Block
     A scanned stack (layer, ...) is summarised by one computation vmapped over its layer axis, in
     place; the other leaves of equal shape are stacked and vmapped together, so the compiled step holds
     one copy of the statistics per distinct shape rather than one per leaf, and no copy of a scanned
-    (large) parameter.
+    (large) parameter. Whether a stack is all finite is decided once for the whole stack, outside the
+    vmap (inside it, a `lax.cond` would run both of its branches).
     """
     stacks: dict[tuple[str, ...], jax.Array] = {}
     by_shape: dict[tuple, dict[str, jax.Array]] = {}
@@ -250,7 +279,9 @@ def tree_stats(spec: ProbeSpec, trees: dict[str, Any], seed: jax.Array) -> Block
     out = {}
     for g, (sites, stack) in enumerate(stacks.items()):
         seeds = seed + jnp.uint32(1000 * g) + jnp.arange(len(sites), dtype=jnp.uint32)
-        out[sites] = jax.vmap(spec.summary)(stack, seeds)
+        finite, masked = (jax.vmap(functools.partial(spec.summary, finite=f)) for f in (True, False))
+        all_finite = jnp.isfinite(jnp.sum(stack, dtype=jnp.float32))
+        out[sites] = jax.lax.cond(all_finite, finite, masked, stack, seeds)
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tdyn_jax.probes.stats import count
 
@@ -37,25 +38,26 @@ def scale(x: jax.Array, fmt: str, scaling: str, axis: int) -> jax.Array:
     return scale_of(absmax(x, axis, keepdims=True), fmt)
 
 
-def quantize(x: jax.Array, fmt: str, s: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def quantize(x: jax.Array, fmt: str, s: jax.Array, zeros: jax.Array | None = None) -> tuple[jax.Array, ...]:
     """(q, underflow, overflow): q = x / s rounded to the format (nearest, ties to even), saturated to
     its largest magnitude, times s; underflow = the fraction of nonzero x with q = 0; overflow = the
-    fraction of all x whose x / s rounds beyond the largest magnitude (those saturate). One cast of x."""
+    fraction of all x whose x / s rounds beyond the largest magnitude (those saturate). One cast of x;
+    `zeros`, the count of x == 0, may be given (it is the same for every format and scale)."""
     dtype, top = FORMATS[fmt]
     y = x.astype(jnp.float32) / s
     rounded = jnp.round(y) if dtype is None else y.astype(dtype).astype(jnp.float32)
     within = jnp.abs(rounded) <= top  # an fp8 cast beyond the range gives nan or inf
     q = jnp.where(within, rounded, jnp.clip(y, -top, top)) * s
-    nonzero = x != 0
-    under = count(nonzero & (rounded == 0)) / jnp.maximum(count(nonzero), 1.0)
+    zeros = count(x == 0) if zeros is None else zeros
+    under = (count(rounded == 0) - zeros) / jnp.maximum(x.size - zeros, 1.0)  # zeros round to 0
     return q, under, count(~within) / jnp.float32(x.size)
 
 
-def _rows_matmul(a: jax.Array, w: jax.Array) -> jax.Array:
-    """a (r, k) times w: one (k, m) matrix for all rows, or one (r, k, m) per row."""
-    if w.ndim == 2:
+def _rows_matmul(a: jax.Array, w: jax.Array, slot: np.ndarray | None) -> jax.Array:
+    """a (r, k) times w: one (k, m) matrix for all rows, or w[slot[i]] for row i of w (G, k, m)."""
+    if slot is None:
         return jnp.matmul(a, w, precision=jax.lax.Precision.HIGHEST)
-    return jnp.einsum("rk,rkm->rm", a, w, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("rk,rkm->rm", a, w[slot], precision=jax.lax.Precision.HIGHEST)
 
 
 def log_quantize(x: jax.Array, frac_bits: int) -> jax.Array:
@@ -83,20 +85,22 @@ def _scales(amax: jax.Array, part: jax.Array, fmt: str, scalings: tuple[str, ...
 
 def _format_stats(
     amaxes: tuple[jax.Array, jax.Array],
-    a_rows: jax.Array,
-    w_cols: jax.Array,
+    operands: tuple[jax.Array, jax.Array],
+    zeros: tuple[jax.Array, jax.Array],
+    slot: np.ndarray | None,
     exact: jax.Array,
     fmt: str,
     scalings: tuple[str, ...],
 ) -> dict[str, jax.Array]:
     """The range losses and the error of C in format `fmt`, for all `scalings` at once."""
+    (a_rows, w_cols), (a_zeros, w_zeros) = operands, zeros
     sa = _scales(amaxes[0], a_rows, fmt, scalings, -1)
     sw = _scales(amaxes[1], w_cols, fmt, scalings, -2)
 
     def one_scaling(scales: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
-        qa, a_under, a_over = quantize(a_rows, fmt, scales[0])
-        qw, w_under, w_over = quantize(w_cols, fmt, scales[1])
-        return a_under, a_over, w_under, w_over, rel_error(_rows_matmul(qa, qw), exact)
+        qa, a_under, a_over = quantize(a_rows, fmt, scales[0], a_zeros)
+        qw, w_under, w_over = quantize(w_cols, fmt, scales[1], w_zeros)
+        return a_under, a_over, w_under, w_over, rel_error(_rows_matmul(qa, qw, slot), exact)
 
     a_under, a_over, w_under, w_over, errors = jax.lax.map(one_scaling, (sa, sw))
     out = {}
@@ -112,6 +116,7 @@ def lowprec_stats(
     amaxes: tuple[jax.Array, jax.Array],
     a_rows: jax.Array,
     w_cols: jax.Array,
+    slot: np.ndarray | None = None,
     *,
     formats: tuple[str, ...],
     scalings: tuple[str, ...],
@@ -122,23 +127,25 @@ def lowprec_stats(
     of C.
 
     `amaxes` are absmax(A) and absmax(W) over the whole operands (for the per-tensor scales); a_rows
-    (r, k) are the sampled rows of A and w_cols the sampled columns of W ((k, c), or (r, k, c) when
-    each row has its own W). For each format F and scaling S (F/S/...): a_underflow, a_overflow of
-    a_rows, w_underflow, w_overflow of w_cols, and rel_err = ||Q(A) Q(W) - A W|| / ||A W|| (Frobenius,
-    over the grid). Channel scaling scales A per row (token) and W per column (output channel). The
-    scalings of one format run one after the other in a loop, so one quantized copy is alive at a time.
+    (r, k) are the sampled rows of A and w_cols the sampled columns of W: (k, c), or (G, k, c) when
+    row i has its own W, w_cols[slot[i]] (a grouped matmul). For each format F and scaling S
+    (F/S/...): a_underflow, a_overflow of a_rows, w_underflow, w_overflow of w_cols, and rel_err =
+    ||Q(A) Q(W) - A W|| / ||A W|| (Frobenius, over the grid). Channel scaling scales A per row (token)
+    and W per column (output channel). The scalings of one format run one after the other in a loop,
+    so one quantized copy is alive at a time.
     For each k in r_bits, with Q_k(R) = round(R L) / L, L = 2^(k-1) - 1 (k uniform bits on [-1, 1]):
     r{k}/rel_err rebuilds C as E_ij * Q_k(R_ij) (E exact: it is only the n + m norms), and for each f
     in e_frac_bits er/e{f}/r{k}/rel_err as log_quantize(E_ij, f) * Q_k(R_ij) (E in the log domain).
     """
     a_rows, w_cols = a_rows.astype(jnp.float32), w_cols.astype(jnp.float32)
-    exact = _rows_matmul(a_rows, w_cols)
+    exact = _rows_matmul(a_rows, w_cols, slot)
+    zeros = (count(a_rows == 0), count(w_cols == 0))
     out = {}
     for fmt in formats:
-        out |= _format_stats(amaxes, a_rows, w_cols, exact, fmt, scalings)
+        out |= _format_stats(amaxes, (a_rows, w_cols), zeros, slot, exact, fmt, scalings)
     u = jnp.sqrt(jnp.sum(a_rows * a_rows, axis=-1))[:, None]
     v = jnp.sqrt(jnp.sum(w_cols * w_cols, axis=-2))
-    e = u * v
+    e = u * (v if slot is None else v[slot])
     r = jnp.where(e > 0, exact / jnp.where(e > 0, e, 1.0), 0.0)
     e_logs = {f: log_quantize(e, f) for f in e_frac_bits}
     for k in r_bits:

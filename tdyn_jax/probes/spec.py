@@ -9,7 +9,7 @@ import jax
 import ml_collections
 
 from tdyn_jax.probes.naming import layer_free
-from tdyn_jax.probes.stats import ACCELERATOR_CHUNK, CHUNK, summary
+from tdyn_jax.probes.stats import ACCELERATOR_CHUNK, CHUNK, Finite, summary
 
 GROUPS = ("exp_hist", "lin_hist", "sample", "outliers", "energy", "lowprec")
 # Statistics estimated on samples: every statistic of a matmul's /R and /lowprec parts (on a grid of
@@ -87,6 +87,7 @@ class ProbeSpec:
         seed: jax.Array,
         lin_range: tuple[float, float] | None = None,
         only: frozenset[str] | None = None,
+        finite: Finite = None,
     ) -> dict[str, jax.Array]:
         """`stats.summary` with this spec's groups (those in `only`, if given), bins and sample size."""
         return summary(
@@ -98,4 +99,5 @@ class ProbeSpec:
             sample_size=self.sample_size,
             lin_range=lin_range,
             chunk=self.chunk,
+            finite=finite,
         )

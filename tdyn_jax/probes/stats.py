@@ -69,14 +69,6 @@ def over_chunks(x: jax.Array, part: Callable[[jax.Array], Sums], chunk: int = CH
     return acc
 
 
-def unmasked_if_finite(x: jax.Array, part: Callable[[jax.Array, bool], Sums]) -> Sums:
-    """part(x, True) when every value of x is finite (its float32 sum is: one reduction), else
-    part(x, False), which must mask nan and inf out; in a `lax.cond`, so only one of them runs. On a
-    CPU each mask is one more write of the whole tensor (or chunk)."""
-    all_finite = jnp.isfinite(jnp.sum(x.astype(jnp.float32)))
-    return jax.lax.cond(all_finite, lambda: part(x, True), lambda: part(x, False))
-
-
 def count(mask: jax.Array) -> jax.Array:
     """The number of True entries of `mask` (at most 2^31 - 1 entries), exact, as float32: summed in
     float32 up to 2^24 entries (every partial sum is then an exact integer; XLA:CPU sums int32 several
@@ -157,26 +149,44 @@ def moments(x: jax.Array, chunk: int = CHUNK) -> dict[str, jax.Array]:
     return _passes(x, None, None, chunk)
 
 
+Finite = bool | None  # True: x is all finite (no masks); False: mask nan and inf; None: find out
+
+
 def _passes(
-    x: jax.Array, exp_range: tuple[int, int] | None, lin: tuple[int, tuple | None] | None, chunk: int
+    x: jax.Array,
+    exp_range: tuple[int, int] | None,
+    lin: tuple[int, tuple | None] | None,
+    chunk: int,
+    finite: Finite = None,
 ) -> dict[str, jax.Array]:
     """`moments` and the histograms asked for (exp_range; lin = (bins, range or None for the finite
     min and max)) in two passes over x, chunked (see `over_chunks`): sums and extremes, then the
-    central sums with the histograms. Each chunk of a pass is read without masks when it is all finite
-    (`unmasked_if_finite`); with the exp histogram, its middle bin counts the zeros."""
+    central sums with the histograms. On a CPU each nan/inf mask is one more write of every chunk, so
+    with `finite` None the first pass runs without masks and, only if its sum is not finite (x holds
+    a nan or an inf, or its finite values overflow), again with them, in a `lax.cond`; the second pass
+    takes the same branch. With the exp histogram, its middle bin counts the zeros."""
     zeros = exp_range is None
-    first = over_chunks(x, lambda c: unmasked_if_finite(c, lambda c, f: _first_pass(c, f, zeros)), chunk)
+    first_pass = lambda f: over_chunks(x, lambda c: _first_pass(c, f, zeros), chunk)
+    if finite is None:
+        first = first_pass(True)
+        all_finite = jnp.isfinite(first["sum"])
+        first = jax.lax.cond(all_finite, lambda: first, lambda: first_pass(False))
+    else:
+        first = first_pass(finite)
     mean = first["sum"] / first["n"]
     edges = None
     if lin is not None:
         lo, hi = linear_range(*(lin[1] or (first["min"], first["max"])))
         edges = (lo, hi, lin[0])
 
-    def second(c: jax.Array, finite: bool) -> Sums:
-        hists = _hist_part(c, exp_range, edges) if exp_range or edges else {}
-        return _central_sums(c, mean, finite) | hists
+    def second_pass(f: bool) -> Sums:
+        hists = lambda c: _hist_part(c, exp_range, edges) if exp_range or edges else {}
+        return over_chunks(x, lambda c: _central_sums(c, mean, f) | hists(c), chunk)
 
-    sums = over_chunks(x, lambda c: unmasked_if_finite(c, second), chunk)
+    if finite is None:
+        sums = jax.lax.cond(all_finite, lambda: second_pass(True), lambda: second_pass(False))
+    else:
+        sums = second_pass(finite)
     if not zeros:
         first["zeros"] = sums["exp_hist"][exp_hist_bins(*exp_range) // 2]
     out = _moments(first, sums, x.size)
@@ -303,10 +313,13 @@ def _mix(h: jax.Array) -> jax.Array:
 
 def random_indices(seed: jax.Array, size: int, n: int, stream: int = 0) -> jax.Array:
     """`size` int32 indices in [0, n) (n < 2^31), drawn with replacement: a counter-based hash of (seed,
-    stream, i) taken modulo n (no index is favoured by more than n / 2^32). A handful of integer ops,
-    where a threefry draw would add hundreds to the compiled step."""
-    i = jnp.arange(size, dtype=jnp.uint32) + jnp.uint32((stream * 0x632BE5AB) & 0xFFFFFFFF)
-    h = _mix(_mix(i ^ jnp.asarray(seed, jnp.uint32)) + jnp.uint32(0x27D4EB2F))
+    stream, i) taken modulo n (no index is favoured by more than n / 2^32). The key k = mix(seed ^
+    stream constant) enters twice, mix(mix(i ^ k) + mix(k + c)), so that nearby seeds (seed + 1, ...)
+    give unrelated draws. A handful of integer ops, where a threefry draw would add hundreds to the
+    compiled step."""
+    key = _mix(jnp.asarray(seed, jnp.uint32) ^ jnp.uint32((stream * 0x632BE5AB) & 0xFFFFFFFF))
+    i = jnp.arange(size, dtype=jnp.uint32)
+    h = _mix(_mix(i ^ key) + _mix(key + jnp.uint32(0x27D4EB2F)))
     return (h % jnp.uint32(n)).astype(jnp.int32)
 
 
@@ -331,12 +344,13 @@ def summary(
     sample_size: int,
     lin_range: tuple[float, float] | None = None,
     chunk: int = CHUNK,
+    finite: Finite = None,
 ) -> dict[str, jax.Array]:
     """`moments(x)` plus the groups asked for: exp_hist, lin_hist (+ lin_edges), sample; in two passes
-    over x (see `_passes`; the linear histogram's range is the finite min and max of x, or
-    `lin_range`)."""
+    over x (see `_passes`, also for `finite`; the linear histogram's range is the finite min and max
+    of x, or `lin_range`)."""
     exp = exp_range if "exp_hist" in groups else None
-    out = _passes(x, exp, (lin_bins, lin_range) if "lin_hist" in groups else None, chunk)
+    out = _passes(x, exp, (lin_bins, lin_range) if "lin_hist" in groups else None, chunk, finite)
     if "sample" in groups:
         out["sample"] = uniform_sample(x, seed, sample_size)
     return out

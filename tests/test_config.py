@@ -8,7 +8,7 @@ from typing import Any
 import ml_collections
 import pytest
 
-from configs import base, outlier_levers, seed_claims, small, tiny, tpu_v5e_64
+from configs import base, outlier_levers, seed_claims, small, tiny, tpu_v5e_64, vocab32k
 from tdyn_jax import config as config_lib
 from tdyn_jax.config import ConfigError, resume_conflicts, to_dict, validate
 
@@ -113,7 +113,7 @@ def test_config_error_is_a_value_error():
 
 @pytest.mark.parametrize(
     ("module", "num_devices"),
-    [(tiny, None), (tiny, 1), (tiny, 8), (small, None), (small, 1), (base, None), (base, 1)],
+    [(tiny, None), (tiny, 1), (tiny, 8), (small, None), (small, 1), (base, None), (base, 1), (vocab32k, 1)],
 )
 def test_shipped_configs_validate(module, num_devices):
     validate(module.get_config(), num_devices=num_devices)

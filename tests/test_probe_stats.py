@@ -127,20 +127,21 @@ def ref_range_loss(x, fmt, s):
     return under, over
 
 
-def matmul64(a, w, slot=None):
-    """a (r, k) times w (k, m), or times w[slot[i]] for row i of w (G, k, m), in float64."""
+def matmul64(a, w):
+    """a (r, k) times w (k, m), or times w[j] for the j-th of G equal runs of rows for w (G, k, m),
+    in float64."""
     a, w = np.asarray(a, np.float64), np.asarray(w, np.float64)
-    return a @ w if slot is None else np.einsum("rk,rkm->rm", a, w[slot])
+    return a @ w if w.ndim == 2 else np.einsum("rk,rkm->rm", a, np.repeat(w, len(a) // len(w), axis=0))
 
 
 def rel_err64(approx, exact):
     return np.linalg.norm(approx - exact) / np.linalg.norm(exact)
 
 
-def ref_lowprec_stats(a, w, a_rows, w_rows, formats, scalings, r_bits, e_frac_bits, slot=None):
+def ref_lowprec_stats(a, w, a_rows, w_rows, formats, scalings, r_bits, e_frac_bits):
     """float64 version of `lowprec.lowprec_stats` built from the ml_dtypes casts: everything on the rows,
     the per-tensor scales from the whole operands."""
-    exact = matmul64(a_rows, w_rows, slot)
+    exact = matmul64(a_rows, w_rows)
     out = {}
     for fmt in formats:
         for scaling in scalings:
@@ -150,11 +151,11 @@ def ref_lowprec_stats(a, w, a_rows, w_rows, formats, scalings, r_bits, e_frac_bi
                 sa, sw = ref_scale(a_rows, fmt, scaling, -1), ref_scale(w_rows, fmt, scaling, -2)
             out[f"{name}/a_underflow"], out[f"{name}/a_overflow"] = ref_range_loss(a_rows, fmt, sa)
             out[f"{name}/w_underflow"], out[f"{name}/w_overflow"] = ref_range_loss(w_rows, fmt, sw)
-            approx = matmul64(ref_quantize(a_rows, fmt, sa), ref_quantize(w_rows, fmt, sw), slot)
+            approx = matmul64(ref_quantize(a_rows, fmt, sa), ref_quantize(w_rows, fmt, sw))
             out[f"{name}/rel_err"] = rel_err64(approx, exact)
     u = np.linalg.norm(np.asarray(a_rows, np.float64), axis=-1)[:, None]
     v = np.linalg.norm(np.asarray(w_rows, np.float64), axis=-2)
-    e = u * (v if slot is None else v[slot])
+    e = u * (v if v.ndim == 1 else np.repeat(v, len(u) // len(v), axis=0))
     r = exact / e
     for k in r_bits:
         levels = 2.0 ** (k - 1) - 1
@@ -206,9 +207,9 @@ _lowprec_stats = jax.jit(
 )
 
 
-def lowprec_stats(a, w, a_rows, w_cols, slot=None):
+def lowprec_stats(a, w, a_rows, w_cols):
     """`lowprec.lowprec_stats` with the absmax of the whole operands a and w."""
-    return _lowprec_stats((np.abs(a).max(), np.abs(w).max()), a_rows, w_cols, slot)
+    return _lowprec_stats((np.abs(a).max(), np.abs(w).max()), a_rows, w_cols)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -497,25 +498,23 @@ def test_summary_of_finite_data_takes_the_unmasked_passes_exactly(groups):
 
 
 def test_group_rows_fall_in_few_groups_and_are_uniform():
-    """A grouped matmul's sampled rows: runs of GROUP_RUN rows in each of G sampled groups, every row
-    uniform over all g x n (chi-square of the groups drawn and of the rows within a group, 400 seeds,
-    fails at 1e-4 for a fair draw); all rows in order when they fit."""
+    """A grouped matmul's sampled rows: G equal runs, each in one sampled group, every row uniform over
+    all g x n (chi-square of the groups drawn and of the rows within a group, 400 seeds, fails at 1e-4
+    for a fair draw), -1 padding the stored rows to their size; all rows in order when they fit."""
     from tdyn_jax.probes.capture import GROUP_RUN, group_rows
 
-    g, n, size = 24, 40, 256
-    draw = jax.jit(jax.vmap(lambda seed: group_rows(seed, g, n, size)[:3]))
+    g, n, size = 24, 40, 250
+    draw = jax.jit(jax.vmap(lambda seed: group_rows(seed, g, n, size)))
     rows, stored, groups = (np.asarray(t) for t in draw(np.arange(400, dtype=np.uint32)))
-    slot = group_rows(np.uint32(0), g, n, size)[3]
-    assert np.array_equal(slot, np.arange(size) // GROUP_RUN) and np.array_equal(rows, stored)
-    assert np.array_equal(rows // n, groups[:, slot])
-    for counts in (
-        np.bincount(groups.ravel(), minlength=g),
-        np.bincount((rows % n).ravel(), minlength=n),
-    ):
+    runs = size // GROUP_RUN
+    assert rows.shape == (400, runs * GROUP_RUN) and groups.shape == (400, runs)
+    assert np.array_equal(stored[:, : rows.shape[1]], rows) and np.all(stored[:, rows.shape[1] :] == -1)
+    assert np.array_equal(rows // n, np.repeat(groups, GROUP_RUN, axis=1))
+    for counts in (np.bincount(groups.ravel(), minlength=g), np.bincount((rows % n).ravel(), minlength=n)):
         assert scipy.stats.chisquare(counts).pvalue > 1e-4
-    rows, stored, groups, slot = group_rows(np.uint32(0), 3, 4, 20)
+    rows, stored, groups = group_rows(np.uint32(0), 3, 4, 20)
     assert np.array_equal(rows, np.arange(12)) and np.array_equal(stored[12:], [-1] * 8)
-    assert np.array_equal(groups, np.arange(3)) and np.array_equal(slot, np.arange(12) // 4)
+    assert np.array_equal(groups, np.arange(3))
 
 
 def test_tree_stats_of_a_stack_with_a_nan_mask_only_where_needed():
@@ -808,21 +807,21 @@ def test_range_loss(fmt):
 
 
 def lowprec_rows(grouped):
-    """(a, w, sampled rows of a, sampled columns of w, slot): a grid of C = a @ w; grouped, the columns
-    of both groups' w and the group of each row."""
+    """(a, w, sampled rows of a, sampled columns of w): a grid of C = a @ w; grouped, rows in runs of 4
+    from groups 1, 0, 1, each run with the columns of its group's w."""
     a, w = lowprec_data()
     cols = np.array([0, 7, 8, 20, 21, 33, 47])
     if not grouped:  # with the planted overflows
-        return a, w, np.concatenate([a[0, :16], a[1, 10:11]]), w[0][:, cols], None
-    rows = np.array([(0, 3), (1, 10), (0, 20), (1, 0), (0, 0), (1, 31), (0, 8), (1, 17)])
-    return a, w, a[rows[:, 0], rows[:, 1]], w[:, :, cols], rows[:, 0]
+        return a, w, np.concatenate([a[0, :16], a[1, 10:11]]), w[0][:, cols]
+    groups, rows = np.array([1, 0, 1]), np.array([3, 10, 20, 0, 0, 31, 8, 17, 5, 5, 30, 2])
+    return a, w, a[np.repeat(groups, 4), rows], w[groups][:, :, cols]
 
 
 @pytest.mark.parametrize("grouped", [False, True])
 def test_lowprec_stats(grouped):
-    a, w, a_rows, w_rows, slot = lowprec_rows(grouped)
-    got = to_np(lowprec_stats(a, w, a_rows, w_rows, slot))
-    ref = ref_lowprec_stats(a, w, a_rows, w_rows, FORMATS, SCALINGS, R_BITS, E_FRAC_BITS, slot)
+    a, w, a_rows, w_rows = lowprec_rows(grouped)
+    got = to_np(lowprec_stats(a, w, a_rows, w_rows))
+    ref = ref_lowprec_stats(a, w, a_rows, w_rows, FORMATS, SCALINGS, R_BITS, E_FRAC_BITS)
     assert set(got) == set(ref)
     for key, want in ref.items():
         if key.endswith("flow"):

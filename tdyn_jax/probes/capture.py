@@ -15,10 +15,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tdyn_jax.probes.energy import correlation, energy_stats, log_split, norms
-from tdyn_jax.probes.lowprec import absmax, lowprec_stats
+from tdyn_jax.probes.lowprec import absmax, lowprec_stats, per_row
 from tdyn_jax.probes.naming import SCANNED, unstacked
 from tdyn_jax.probes.outliers import outlier_metrics, token_rows
 from tdyn_jax.probes.spec import ProbeSpec
@@ -50,25 +49,23 @@ ROWS, COLS, GROUPS = 3, 4, 5  # the streams of the sampled rows, columns and gro
 GROUP_RUN = 16  # sampled rows of a grouped matmul per sampled group
 
 
-def group_rows(
-    seed: jax.Array, g: int, n: int, size: int
-) -> tuple[jax.Array, jax.Array, jax.Array, np.ndarray]:
-    """(rows, stored, groups, slot): `size` sampled rows of a grouped matmul's C, g groups of n rows
-    flattened to g * n, drawn so that they fall in few groups: row i is in group groups[slot[i]].
+def group_rows(seed: jax.Array, g: int, n: int, size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(rows, stored, groups): sampled rows of a grouped matmul's C (g groups of n rows, flattened to
+    g * n) in G equal runs, run j of rows in group groups[j], so that the W of the sampled rows is G
+    matrices, not one copy per row.
 
-    All g * n rows in order when they are at most `size` (groups: all g). Else G = max(1, size //
-    GROUP_RUN) groups are drawn uniformly with replacement, row i lies in group slot[i] = i * G // size
-    (runs of about GROUP_RUN rows) and is uniform within it, so every row is uniform over all g * n and
-    the W of the sampled rows is G matrices, not `size` copies. `stored` is `rows` padded with -1.
+    All g * n rows in order when they are at most `size` (G = g runs of n). Else G = max(1, size //
+    GROUP_RUN) groups drawn uniformly with replacement and size // G rows uniform within each (with
+    replacement), so every row is uniform over all g * n. `stored` is `rows` padded with -1 to `size`.
     """
     if g * n <= size:
         rows, stored = sample_indices(seed, g * n, size, ROWS)
-        return rows, stored, jnp.arange(g, dtype=jnp.int32), np.arange(g * n) // n
+        return rows, stored, jnp.arange(g, dtype=jnp.int32)
     count = max(1, size // GROUP_RUN)
+    run = size // count
     groups = random_indices(seed, count, g, GROUPS)
-    slot = np.arange(size) * count // size
-    rows = groups[slot] * n + random_indices(seed, size, n, ROWS)
-    return rows, rows, groups, slot
+    rows = jnp.repeat(groups, run) * n + random_indices(seed, count * run, n, ROWS)
+    return rows, jnp.concatenate([rows, jnp.full((size - rows.size,), -1, jnp.int32)]), groups
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -191,14 +188,12 @@ def matmul(
     cols, stored_cols = sample_indices(seed, w.shape[-1], spec.cols, COLS)
     all_cols = cols.size == w.shape[-1]
     take_cols = (lambda t: t) if all_cols else (lambda t: jnp.take(t, cols, axis=-1))
-    if grouped:  # each row's W (or its norms) is one of the sampled groups': w[groups][slot]
-        rows, stored_rows, groups, slot = group_rows(seed, w.shape[0], a.shape[-2], spec.rows)
+    if grouped:  # the rows come in runs, one per sampled group, whose W (or norms) they use
+        rows, stored_rows, groups = group_rows(seed, w.shape[0], a.shape[-2], spec.rows)
         per_group = lambda t: take_cols(t)[groups]
-        per_row = lambda t: per_group(t)[slot]
     else:
         rows, stored_rows = sample_indices(seed, a.size // k, spec.rows, ROWS)
-        slot, per_group = None, take_cols
-        per_row = take_cols
+        per_group = take_cols
     sampled = {"rows": stored_rows, "cols": stored_cols}
     a_rows, w_cols = token_rows(a, rows), per_group(w)
     if "energy" in spec.stats:
@@ -209,13 +204,13 @@ def matmul(
             spec.summary(v, seeds[3], only=log_only),
         )
         parts["E"] = energy_stats(u, v) if grouped else energy_stats(u.reshape(1, -1), v[None])
-        e_grid = u[jnp.unravel_index(rows, u.shape)][:, None] * per_row(v)
+        e_grid = u[jnp.unravel_index(rows, u.shape)][:, None] * per_row(per_group(v), rows.size)
         c_grid = token_rows(out, rows, None if all_cols else cols).astype(jnp.float32)
         parts["R"] = spec.summary(correlation(c_grid, e_grid), seeds[4], lin_range=(-1.0, 1.0))
         parts["R"] |= log_split(c_grid, e_grid) | sampled
     if "lowprec" in spec.stats:
         parts["lowprec"] = lowprec_stats(
-            (absmax(a), absmax(w)), a_rows, w_cols, slot, formats=spec.formats, scalings=spec.scalings,
+            (absmax(a), absmax(w)), a_rows, w_cols, formats=spec.formats, scalings=spec.scalings,
             r_bits=spec.r_bits, e_frac_bits=spec.e_frac_bits,
         )  # fmt: skip
         parts["lowprec"] |= sampled

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tdyn_jax.probes.stats import count
 
@@ -53,11 +52,18 @@ def quantize(x: jax.Array, fmt: str, s: jax.Array, zeros: jax.Array | None = Non
     return q, under, count(~within) / jnp.float32(x.size)
 
 
-def _rows_matmul(a: jax.Array, w: jax.Array, slot: np.ndarray | None) -> jax.Array:
-    """a (r, k) times w: one (k, m) matrix for all rows, or w[slot[i]] for row i of w (G, k, m)."""
-    if slot is None:
+def _rows_matmul(a: jax.Array, w: jax.Array) -> jax.Array:
+    """a (r, k) times w: one (k, m) matrix for all rows, or w[j] for the j-th of G equal runs of the
+    rows, w (G, k, m)."""
+    if w.ndim == 2:
         return jnp.matmul(a, w, precision=jax.lax.Precision.HIGHEST)
-    return jnp.einsum("rk,rkm->rm", a, w[slot], precision=jax.lax.Precision.HIGHEST)
+    runs = a.reshape(w.shape[0], -1, a.shape[-1])
+    return jnp.matmul(runs, w, precision=jax.lax.Precision.HIGHEST).reshape(a.shape[0], -1)
+
+
+def per_row(v: jax.Array, rows: int) -> jax.Array:
+    """Column norms v (m,) or (G, m) of the W of each of `rows` rows (see `_rows_matmul`)."""
+    return v if v.ndim == 1 else jnp.repeat(v, rows // v.shape[0], axis=0)
 
 
 def log_quantize(x: jax.Array, frac_bits: int) -> jax.Array:
@@ -87,7 +93,6 @@ def _format_stats(
     amaxes: tuple[jax.Array, jax.Array],
     operands: tuple[jax.Array, jax.Array],
     zeros: tuple[jax.Array, jax.Array],
-    slot: np.ndarray | None,
     exact: jax.Array,
     fmt: str,
     scalings: tuple[str, ...],
@@ -100,7 +105,7 @@ def _format_stats(
     def one_scaling(scales: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
         qa, a_under, a_over = quantize(a_rows, fmt, scales[0], a_zeros)
         qw, w_under, w_over = quantize(w_cols, fmt, scales[1], w_zeros)
-        return a_under, a_over, w_under, w_over, rel_error(_rows_matmul(qa, qw, slot), exact)
+        return a_under, a_over, w_under, w_over, rel_error(_rows_matmul(qa, qw), exact)
 
     a_under, a_over, w_under, w_over, errors = jax.lax.map(one_scaling, (sa, sw))
     out = {}
@@ -116,7 +121,6 @@ def lowprec_stats(
     amaxes: tuple[jax.Array, jax.Array],
     a_rows: jax.Array,
     w_cols: jax.Array,
-    slot: np.ndarray | None = None,
     *,
     formats: tuple[str, ...],
     scalings: tuple[str, ...],
@@ -128,7 +132,7 @@ def lowprec_stats(
 
     `amaxes` are absmax(A) and absmax(W) over the whole operands (for the per-tensor scales); a_rows
     (r, k) are the sampled rows of A and w_cols the sampled columns of W: (k, c), or (G, k, c) when
-    row i has its own W, w_cols[slot[i]] (a grouped matmul). For each format F and scaling S
+    the rows come in G equal runs, each with its own W (a grouped matmul). For each format F and scaling S
     (F/S/...): a_underflow, a_overflow of a_rows, w_underflow, w_overflow of w_cols, and rel_err =
     ||Q(A) Q(W) - A W|| / ||A W|| (Frobenius, over the grid). Channel scaling scales A per row (token)
     and W per column (output channel). The scalings of one format run one after the other in a loop,
@@ -138,14 +142,14 @@ def lowprec_stats(
     in e_frac_bits er/e{f}/r{k}/rel_err as log_quantize(E_ij, f) * Q_k(R_ij) (E in the log domain).
     """
     a_rows, w_cols = a_rows.astype(jnp.float32), w_cols.astype(jnp.float32)
-    exact = _rows_matmul(a_rows, w_cols, slot)
+    exact = _rows_matmul(a_rows, w_cols)
     zeros = (count(a_rows == 0), count(w_cols == 0))
     out = {}
     for fmt in formats:
-        out |= _format_stats(amaxes, (a_rows, w_cols), zeros, slot, exact, fmt, scalings)
+        out |= _format_stats(amaxes, (a_rows, w_cols), zeros, exact, fmt, scalings)
     u = jnp.sqrt(jnp.sum(a_rows * a_rows, axis=-1))[:, None]
     v = jnp.sqrt(jnp.sum(w_cols * w_cols, axis=-2))
-    e = u * (v if slot is None else v[slot])
+    e = u * per_row(v, a_rows.shape[0])
     r = jnp.where(e > 0, exact / jnp.where(e > 0, e, 1.0), 0.0)
     e_logs = {f: log_quantize(e, f) for f in e_frac_bits}
     for k in r_bits:

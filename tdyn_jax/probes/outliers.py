@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tdyn_jax.probes.stats import count
+
 
 def kth_smallest(a: jax.Array, k: int) -> jax.Array:
     """The k-th smallest (0-based) of non-negative finite values along the last axis, exactly.
@@ -18,7 +20,7 @@ def kth_smallest(a: jax.Array, k: int) -> jax.Array:
     def halve(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         lo, hi = bounds
         mid = lo + (hi - lo) // 2
-        enough = jnp.sum(bits <= mid[..., None], axis=-1, dtype=jnp.float32) >= k + 1  # exact: < 2^24
+        enough = count(bits <= mid[..., None], axis=-1) >= k + 1
         return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
     start = (jnp.zeros(shape, jnp.int32), jnp.full(shape, 0x7F800000, jnp.int32))
@@ -34,7 +36,7 @@ def median(a: jax.Array) -> jax.Array:
     if n % 2:
         return low
     # the upper middle value: `low` again if it repeats past the middle, else the next larger value
-    repeats = jnp.sum(a <= low[..., None], axis=-1, dtype=jnp.float32) >= n // 2 + 1
+    repeats = count(a <= low[..., None], axis=-1) >= n // 2 + 1
     above = jnp.min(jnp.where(a > low[..., None], a, jnp.inf), axis=-1)
     return (low + jnp.where(repeats, low, above)) / 2
 
@@ -69,7 +71,7 @@ def outlier_metrics(x: jax.Array, topk: int, rows: jax.Array) -> dict[str, jax.A
     a = jnp.abs(x.astype(jnp.float32))
     ms = jnp.mean(a * a, axis=tokens_axes)
     kurt = jnp.mean(ms * ms) / jnp.mean(ms) ** 2
-    int8 = jnp.sum(jnp.mean(a >= 6.0, axis=tokens_axes) >= 0.06).astype(jnp.float32)
+    int8 = count(count(a >= 6.0, axis=tokens_axes) >= -(-6 * (a.size // d) // 100))  # >= 6%
     row_max = jnp.max(a, axis=-1).reshape(-1)  # per token: small
     _, tokens = jax.lax.top_k(row_max, topk)  # no other token holds one of the topk values
     top, flat = jax.lax.top_k(token_rows(a, tokens).reshape(-1), topk)

@@ -69,13 +69,15 @@ def over_chunks(x: jax.Array, part: Callable[[jax.Array], Sums], chunk: int = CH
     return acc
 
 
-def count(mask: jax.Array) -> jax.Array:
-    """The number of True entries of `mask` (at most 2^31 - 1 entries), exact, as float32: summed in
-    float32 up to 2^24 entries (every partial sum is then an exact integer; XLA:CPU sums int32 several
-    times slower), in int32 beyond."""
-    if mask.size <= 2**24:
-        return jnp.sum(mask, dtype=jnp.float32)
-    return jnp.sum(mask, dtype=jnp.int32).astype(jnp.float32)
+def count(mask: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.Array:
+    """The number of True entries of `mask` (along `axis`; at most 2^31 - 1 of them), exact, as
+    float32: summed in float32 up to 2^24 entries (every partial sum is then an exact integer; XLA:CPU
+    sums int32 several times slower, and a select of 1.0 or 0.0 is cheaper there than a bool -> float
+    conversion), in int32 beyond."""
+    axes = range(mask.ndim) if axis is None else np.atleast_1d(axis)
+    if np.prod([mask.shape[a] for a in axes], dtype=np.int64) <= 2**24:
+        return jnp.sum(jnp.where(mask, jnp.float32(1), jnp.float32(0)), axis=axis)
+    return jnp.sum(mask, axis=axis, dtype=jnp.int32).astype(jnp.float32)
 
 
 def bincount(idx: jax.Array, length: int) -> jax.Array:

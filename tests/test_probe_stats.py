@@ -268,6 +268,21 @@ def test_moments_logistic_excess_kurtosis():
     assert got["nonfinite"] == 0 and got["frac_zero"] == 0
 
 
+@pytest.mark.parametrize("magnitude", [1e-21, 1e-12, 1e12, 1e21])
+def test_moments_hold_at_any_magnitude(magnitude):
+    """Tiny tensors (Adam's second moment is ~1e-21) and huge ones: the powers of x - mean are taken
+    after scaling by a power of two, so std, rms, skewness and kurtosis equal float64 scipy, where the
+    unscaled 4th power under- or overflows float32 (same shape: no recompile)."""
+    rng = np.random.default_rng(4)
+    x = f32(np.abs(rng.standard_t(4, N_MOM)) * magnitude)  # one-sided, skewed, heavy-tailed
+    got, ref = to_np(moments(x)), ref_moments(x)
+    assert np.isfinite(got["kurtosis"]) and np.isfinite(got["skewness"]) and ref["kurtosis"] > 1
+    for key in ("mean", "std", "rms"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, err_msg=key)
+    for key in ("skewness", "kurtosis"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-4, err_msg=key)
+
+
 def test_moments_all_zero():
     got = to_np(moments(np.zeros(N_MOM, np.float32)))
     assert np.isnan(got["min_nonzero"])

@@ -107,27 +107,44 @@ def _first_pass(x: jax.Array, finite: bool, zeros: bool = True) -> Sums:
     return sums | ({"zeros": count(x == 0)} if zeros else {})
 
 
-def _central_sums(x: jax.Array, mean: jax.Array, finite: bool) -> Sums:
-    """sum(d^k), k = 2, 3, 4, with d = x - mean over a chunk's finite values (see `_first_pass`); each
-    power is its own expression of x (on a CPU, twice as fast as reusing a written-out d and d^2)."""
+def _central_sums(x: jax.Array, mean: jax.Array, scale: jax.Array, finite: bool) -> Sums:
+    """sum(d^k), k = 2, 3, 4, with d = (x - mean) * scale over a chunk's finite values (see
+    `_first_pass` and `_standard_scale`); each power is its own expression of x (on a CPU, twice as
+    fast as reusing a written-out d and d^2)."""
     x = x.astype(jnp.float32)
-    d = lambda: x - mean if finite else jnp.where(jnp.isfinite(x), x - mean, 0.0)
+    d = lambda: (x - mean) * scale if finite else jnp.where(jnp.isfinite(x), (x - mean) * scale, 0.0)
     return {"d2": jnp.sum(d() ** 2), "d3": jnp.sum(d() ** 3), "d4": jnp.sum(d() ** 4)}
 
 
-def _moments(first: Sums, central: Sums, size: int) -> dict[str, jax.Array]:
-    """The statistics of `moments` from the two passes' sums."""
+def _standard_scale(first: Sums) -> jax.Array:
+    """2^-e, where 2^e is the power of two just above max |x - mean| (1 for a constant tensor or no
+    finite value): d = (x - mean) * 2^-e lies in (-1, 1), exactly scaled, so that d^4 neither
+    underflows nor overflows float32 at any magnitude of x (Adam's second moment is ~1e-21: its d^4,
+    unscaled, is 0)."""
+    mean = first["sum"] / first["n"]
+    spread = jnp.maximum(first["max"] - mean, mean - first["min"])
+    e = jnp.clip(jnp.frexp(spread)[1], -125, 126)  # 2^-e stays a normal float32
+    usable = jnp.isfinite(spread) & (spread > 0)
+    return jnp.where(usable, jnp.ldexp(jnp.float32(1), -e), jnp.float32(1))
+
+
+def _moments(first: Sums, central: Sums, scale: jax.Array, size: int) -> dict[str, jax.Array]:
+    """The statistics of `moments` from the two passes' sums (central sums of d = (x - mean) * scale:
+    skewness and kurtosis do not depend on the scale, std is divided by it)."""
     n = first["n"]
     mean = first["sum"] / n
     m2, m3, m4 = (central[k] / n for k in ("d2", "d3", "d4"))
+    std = jnp.sqrt(m2) / scale
+    big = jnp.maximum(std, jnp.abs(mean))  # rms = sqrt(std^2 + mean^2), without squaring either
+    rms = big * jnp.sqrt((std / big) ** 2 + (mean / big) ** 2)
     low, high, min_nonzero = first["min"], first["max"], first["min_nonzero"]
     return {
         "count": jnp.float32(size),
         "mean": mean,
-        "std": jnp.sqrt(m2),
+        "std": std,
         "skewness": m3 / m2**1.5,
         "kurtosis": m4 / (m2 * m2) - 3.0,
-        "rms": jnp.sqrt(m2 + mean * mean),
+        "rms": jnp.where(big > 0, rms, 0.0),
         "absmax": jnp.maximum(jnp.abs(low), jnp.abs(high)),
         "min": low,
         "max": high,
@@ -143,10 +160,11 @@ def moments(x: jax.Array, chunk: int = CHUNK) -> dict[str, jax.Array]:
     With n finite values and d = x - mean:
       mean = sum(x) / n;  std = sqrt(m2);  skewness = m3 / m2^1.5;  kurtosis = m4 / m2^2 - 3 (excess,
       0 for a Gaussian, 1.2 for a logistic), where m_k = sum(d^k) / n (population moments, the
-      `scipy.stats` defaults);  rms = sqrt(m2 + mean^2);  absmax = max |x|;  min;  max;
-      min_nonzero = smallest nonzero |x| (nan if there is none);  frac_zero = #(x == 0) / count;
-      count = number of elements;  nonfinite = #(x is nan or inf). Counts are exact int32 per chunk,
-      added in float32 (exact below 2^24, correctly rounded above).
+      `scipy.stats` defaults), with d scaled by a power of two into (-1, 1) before its powers are
+      taken, so that they hold at any magnitude of x (1e-21 to 1e+21);  rms = sqrt(m2 + mean^2);
+      absmax = max |x|;  min;  max;  min_nonzero = smallest nonzero |x| (nan if there is none);
+      frac_zero = #(x == 0) / count;  count = number of elements;  nonfinite = #(x is nan or inf).
+      Counts are exact int32 per chunk, added in float32 (exact below 2^24, correctly rounded above).
     """
     return _passes(x, None, None, chunk)
 
@@ -175,7 +193,7 @@ def _passes(
         first = jax.lax.cond(all_finite, lambda: first, lambda: first_pass(False))
     else:
         first = first_pass(finite)
-    mean = first["sum"] / first["n"]
+    mean, scale = first["sum"] / first["n"], _standard_scale(first)
     edges = None
     if lin is not None:
         lo, hi = linear_range(*(lin[1] or (first["min"], first["max"])))
@@ -183,7 +201,7 @@ def _passes(
 
     def second_pass(f: bool) -> Sums:
         hists = lambda c: _hist_part(c, exp_range, edges) if exp_range or edges else {}
-        return over_chunks(x, lambda c: _central_sums(c, mean, f) | hists(c), chunk)
+        return over_chunks(x, lambda c: _central_sums(c, mean, scale, f) | hists(c), chunk)
 
     if finite is None:
         sums = jax.lax.cond(all_finite, lambda: second_pass(True), lambda: second_pass(False))
@@ -191,7 +209,7 @@ def _passes(
         sums = second_pass(finite)
     if not zeros:
         first["zeros"] = sums["exp_hist"][exp_hist_bins(*exp_range) // 2]
-    out = _moments(first, sums, x.size)
+    out = _moments(first, sums, scale, x.size)
     out |= {k: sums[k] for k in ("exp_hist", "lin_hist") if k in sums}
     if edges:
         out["lin_edges"] = jnp.linspace(edges[0], edges[1], lin[0] + 1, dtype=jnp.float32)

@@ -86,7 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
     p.exp_max = 16  # largest exponent of the signed log2 histogram (larger |x| share its bin)
     p.lin_bins = 64  # bins of the linear histogram (over [min, max] of the tensor; R: [-1, 1])
     p.topk = 4  # largest |x| reported per activation site (massive activations)
-    p.formats = ("e4m3", "e5m2", "int8")  # simulated low-precision formats of A and W
+    # simulated low-precision formats of A and W: e4m3, e5m2, e2m1, int8 (with probes.scalings) and the
+    # block-scaled mxfp8_e4m3, mxfp8_e5m2, mxfp4, nvfp4 (each one more product per matmul and capture)
+    p.formats = ("e4m3", "e5m2", "int8")
     p.scalings = ("none", "tensor", "channel")  # their scalings (channel: A per token, W per column)
     p.r_bits = (4, 8)  # uniform bits of R in the E/R format
     p.e_frac_bits = (0, 3)  # fractional bits of log2 E in the E/R format (0: E as a power of two)

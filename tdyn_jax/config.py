@@ -7,7 +7,7 @@ from typing import Any
 
 import ml_collections
 
-from tdyn_jax.probes.lowprec import FORMATS, SCALINGS
+from tdyn_jax.probes.lowprec import BLOCK_FORMATS, FORMATS, SCALINGS
 from tdyn_jax.probes.spec import GROUPS
 
 CHOICES = {
@@ -36,7 +36,7 @@ POSITIVE_INTS = (
 # Tuple fields and the values each element may take (None: any non-negative int, str: any string).
 SUBSETS = {
     "probes.stats": GROUPS,
-    "probes.formats": tuple(FORMATS),
+    "probes.formats": (*FORMATS, *BLOCK_FORMATS),
     "probes.scalings": SCALINGS,
     "probes.at_steps": None,
     "probes.dump_steps": None,

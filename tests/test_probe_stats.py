@@ -18,8 +18,8 @@ from tdyn_jax.probes import energy, lowprec, outliers, stats
 # float64 numpy references
 # ----------------------------------------------------------------------------------------------------
 
-FP8 = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}
-FMT_MAX = {"e4m3": 448.0, "e5m2": 57344.0, "int8": 127.0}
+FP8 = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2, "e2m1": ml_dtypes.float4_e2m1fn}
+FMT_MAX = {"e4m3": 448.0, "e5m2": 57344.0, "e2m1": 6.0, "int8": 127.0}
 
 
 def ref_moments(x):
@@ -113,9 +113,52 @@ def ref_quantize(x, fmt, s):
 
 def ref_overflows(y, fmt):
     """Whether y rounds (nearest, ties to even) beyond the format's largest magnitude: e4m3 saturates
-    above 464 (the tie 464 goes to 448), e5m2 at 61440 (the tie goes to 2^16), int8 at 127.5."""
+    above 464 (the tie 464 goes to 448), e5m2 at 61440 (the tie goes to 2^16), e2m1 at 7 (the tie
+    goes to 8), int8 at 127.5."""
     y = np.abs(np.asarray(y, np.float64))
-    return y > 464.0 if fmt == "e4m3" else y >= (61440.0 if fmt == "e5m2" else 127.5)
+    return y > 464.0 if fmt == "e4m3" else y >= {"e5m2": 61440.0, "e2m1": 7.0, "int8": 127.5}[fmt]
+
+
+# block formats as the OCP MX and NVFP4 specifications describe them: element format, block size,
+# scale kind, and the exponent of the element format's largest normal
+REF_BLOCKS = {
+    "mxfp8_e4m3": ("e4m3", 32, "e8m0"),
+    "mxfp8_e5m2": ("e5m2", 32, "e8m0"),
+    "mxfp4": ("e2m1", 32, "e8m0"),
+    "nvfp4": ("e2m1", 16, "e4m3"),
+}
+REF_EMAX = {"e4m3": 8, "e5m2": 15, "e2m1": 2}
+
+
+def ref_quantize_blocks(x, fmt, axis, tensor_amax):
+    """(q, underflow, overflow, mean block log2 range) of x in a block format, blocks along `axis`,
+    in numpy: the scales in float64 (MX: 2^(floor(log2 amax) - emax)) or float32 (NVFP4), the
+    elements through ml_dtypes."""
+    element, size, kind = REF_BLOCKS[fmt]
+    x = np.moveaxis(np.asarray(x, np.float32), axis, -1)
+    n = x.shape[-1]
+    blocks = np.concatenate([x, np.zeros((*x.shape[:-1], -n % size), np.float32)], -1)
+    blocks = blocks.reshape(*x.shape[:-1], -1, size)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    if kind == "e8m0":
+        with np.errstate(divide="ignore"):
+            e = np.floor(np.log2(amax.astype(np.float64))) - REF_EMAX[element]
+        scale = np.where(amax > 0, 2.0 ** np.clip(e, -126, 127), 1.0).astype(np.float32)
+    else:
+        g = np.float32(tensor_amax) / np.float32(448.0 * 6.0)
+        scale = (amax / (np.float32(6.0) * g)).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * g
+    top = np.float32(FMT_MAX[element])
+    y = np.where(scale > 0, blocks / np.where(scale > 0, scale, 1), 0).astype(np.float32)
+    q = np.clip(y, -top, top).astype(FP8[element]).astype(np.float32) * scale
+    q = np.moveaxis(q.reshape(*x.shape[:-1], -1)[..., :n], -1, axis)
+    nonzero = x != 0
+    under = np.sum(nonzero & (np.moveaxis(q, axis, -1) == 0)) / max(np.sum(nonzero), 1)
+    over = np.sum(ref_overflows(y, element)) / x.size
+    a = np.abs(blocks.astype(np.float64))
+    used = a.max(-1) > 0
+    low = np.where(a > 0, a, np.inf).min(-1)
+    ranges = np.log2(a.max(-1)[used] / low[used])
+    return q, under, over, ranges.mean() if ranges.size else 0.0
 
 
 def ref_range_loss(x, fmt, s):
@@ -183,7 +226,7 @@ EXP_MIN, EXP_MAX = -10, 10
 LIN_BINS = 16
 SAMPLE = 256
 TOPK = 3
-FORMATS = ("e4m3", "e5m2", "int8")
+FORMATS = ("e4m3", "e5m2", "e2m1", "int8")
 SCALINGS = ("none", "tensor", "channel")
 R_BITS = (4, 8)
 E_FRAC_BITS = (0, 3)
@@ -763,7 +806,9 @@ def test_quantize(fmt):
     a, _ = lowprec_data()
     x = a[0]  # (32, 64)
     # the rounding thresholds themselves (scale 1) and their float32 neighbours
-    edge = f32([464.0, 61440.0, 127.5, 0.5, 2.0**-10, 2.0**-17, 448.0, 57344.0, 126.5, 2.5])
+    edge = f32(
+        [464.0, 61440.0, 127.5, 0.5, 2.0**-10, 2.0**-17, 448.0, 57344.0, 126.5, 2.5, 7.0, 0.25, 0.75, 5.0]
+    )
     ulp_up = np.nextafter(edge, np.float32(np.inf))
     x[1, : 3 * edge.size] = np.concatenate([edge, ulp_up, -ulp_up])
     for s in (np.float32(1.0), np.float32(0.37), f32(np.abs(x).max(axis=-1, keepdims=True) / FMT_MAX[fmt])):
@@ -817,7 +862,7 @@ def test_range_loss(fmt):
         else:
             assert over == 0.0
     # scale 1: exactly the planted values beyond the rounding thresholds overflow
-    expected = {"e4m3": 6, "e5m2": 2, "int8": 8}[fmt]
+    expected = {"e4m3": 6, "e5m2": 2, "int8": 8, "e2m1": np.sum(np.abs(x) >= 7.0)}[fmt]  # e2m1: 8 is next
     assert round(float(range_loss(x, fmt, np.float32(1.0))[1]) * x.size) == expected
 
 
@@ -851,6 +896,62 @@ def test_lowprec_stats(grouped):
     # more R bits: smaller error; E in the log domain costs accuracy, less with more fractional bits
     assert got["r8/rel_err"] < got["r4/rel_err"] and got["er/e0/r8/rel_err"] < got["er/e0/r4/rel_err"]
     assert got["r8/rel_err"] < got["er/e3/r8/rel_err"] < got["er/e0/r8/rel_err"]
+
+
+quantize_blocks = jax.jit(lowprec.quantize_blocks, static_argnums=(1, 2))
+
+
+@pytest.mark.parametrize("fmt", list(REF_BLOCKS))
+@pytest.mark.parametrize("k", [64, 40])  # 40: the last block padded
+def test_block_formats_match_the_specification(fmt, k):
+    """MXFP8, MXFP4 and NVFP4 of rows of A (blocks along the last axis) and of columns of W (along the
+    second last): every element equals the numpy/ml_dtypes reference (NVFP4 to an ulp of its scale),
+    as do the underflow, overflow and block-range statistics; values that saturate in MX count as
+    overflow."""
+    a, w = lowprec_data()
+    a, w = a[:, :, :k], w[:, :k]
+    assert lowprec.BLOCK_FORMATS[fmt] == REF_BLOCKS[fmt]
+    for x, axis in ((a[0], -1), (w, -2)):
+        amax = np.abs(x).max()
+        got = [np.asarray(t) for t in quantize_blocks(x, fmt, axis, amax)]
+        ref = ref_quantize_blocks(x, fmt, axis, amax)
+        if fmt == "nvfp4":  # the same E2M1 values; the float32 tensor scale may differ by an ulp
+            np.testing.assert_allclose(got[0], ref[0], rtol=1e-6, err_msg=(fmt, axis))
+            np.testing.assert_array_equal(got[0] == 0, ref[0] == 0)
+        else:  # powers of two: exact
+            np.testing.assert_array_equal(got[0], ref[0], err_msg=(fmt, axis))
+        np.testing.assert_allclose(got[1:], ref[1:], rtol=1e-5, err_msg=(fmt, axis))
+    if fmt.startswith("mx"):  # 1000 / 2^(9 - emax) lies beyond the element format's range
+        assert float(quantize_blocks(a[0], fmt, -1, np.abs(a[0]).max())[2]) > 0
+
+
+_lowprec_blocks = jax.jit(
+    functools.partial(
+        lowprec.lowprec_stats,
+        formats=tuple(REF_BLOCKS),
+        scalings=SCALINGS,
+        r_bits=R_BITS,
+        e_frac_bits=E_FRAC_BITS,
+    )
+)
+
+
+def test_lowprec_stats_of_block_formats():
+    """The error of C with both operands in a block format (blocks along k, as hardware) equals the
+    float64 product of the reference quantisations; 8-bit MX beats 4-bit, and NVFP4 (blocks of 16,
+    E4M3 scales) beats MXFP4 (blocks of 32, powers of two) on Gaussian operands."""
+    rng = np.random.default_rng(21)
+    a, w = f32(rng.standard_normal((32, 64))), f32(rng.standard_normal((64, 48)) * 0.05)
+    got = to_np(_lowprec_blocks((np.abs(a).max(), np.abs(w).max()), a, w))
+    exact = matmul64(a, w)
+    for fmt in REF_BLOCKS:
+        qa = ref_quantize_blocks(a, fmt, -1, np.abs(a).max())[0]
+        qw = ref_quantize_blocks(w, fmt, -2, np.abs(w).max())[0]
+        want = rel_err64(matmul64(qa, qw), exact)
+        np.testing.assert_allclose(got[f"{fmt}/block/rel_err"], want, rtol=1e-4, err_msg=fmt)
+        assert got[f"{fmt}/block/a_block_range"] > 1  # Gaussian blocks of 16 or 32 span binades
+    assert got["mxfp8_e4m3/block/rel_err"] < got["mxfp8_e5m2/block/rel_err"] < got["mxfp4/block/rel_err"]
+    assert got["nvfp4/block/rel_err"] < got["mxfp4/block/rel_err"]
 
 
 def test_lowprec_sanity_gaussian():

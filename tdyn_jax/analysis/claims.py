@@ -22,6 +22,7 @@ from tdyn_jax.analysis.findings import logistic_onset, top_channel_share
 from tdyn_jax.analysis.fit import fit, ks_statistic
 from tdyn_jax.analysis.load import Captures
 from tdyn_jax.analysis.verdicts import Check, Claim, share
+from tdyn_jax.probes.lowprec import BITS
 from tdyn_jax.probes.naming import layer_free
 
 EARLY = 0.25  # share of the training steps that counts as early
@@ -271,7 +272,7 @@ def energy_claim(captures: Captures) -> Claim:
     errors = last[last.site.str.endswith("/lowprec") & last.stat.str.endswith("/rel_err")]
     medians = errors.groupby("stat")["value"].median()
     er = f"er/e{E_FRAC_BITS}/r8/rel_err"
-    aw = [s for s in medians.index if not s.startswith(("er/", "r"))]
+    aw = [s for s in medians.index if BITS.get(s.split("/")[0]) == 8]  # 8-bit A/W formats only
     checks = []
     if er in medians and aw:
         best_aw = medians[aw].idxmin()

@@ -1,17 +1,37 @@
-"""Simulated low-precision matmuls: FP8 E4M3, FP8 E5M2 and INT8 casts of A and W, and the E/R format
-(E in the log domain with f fractional bits, R with k uniform bits), each measured by the relative error
-of C = A @ W on sampled rows and columns of C."""
+"""Simulated low-precision matmuls, each measured by the relative error of C = A @ W on sampled rows
+and columns of C: casts of A and W to FP8 E4M3/E5M2, FP4 E2M1 or INT8 (none, tensor or channel
+scaling); the block-scaled formats MXFP8 (E4M3/E5M2), MXFP4 and NVFP4, their blocks along the
+contraction axis as hardware lays them out; and the E/R format (E in the log domain with f fractional
+bits, R with k uniform bits)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tdyn_jax.probes.stats import count
 
-# name -> (dtype of the cast or None for integers, largest finite magnitude)
-FORMATS = {"e4m3": (jnp.float8_e4m3fn, 448.0), "e5m2": (jnp.float8_e5m2, 57344.0), "int8": (None, 127.0)}
+# name -> (dtype of the cast or None for integers, largest finite magnitude, the smallest magnitude
+# that rounds beyond it (to nearest, ties to even: E4M3's 448 has an even mantissa, so 464 stays))
+FORMATS = {
+    "e4m3": (jnp.float8_e4m3fn, 448.0, float(np.nextafter(np.float32(464.0), np.float32(np.inf)))),
+    "e5m2": (jnp.float8_e5m2, 57344.0, 61440.0),
+    "e2m1": (jnp.float4_e2m1fn, 6.0, 7.0),
+    "int8": (None, 127.0, 127.5),
+}
 SCALINGS = ("none", "tensor", "channel")
+# block-scaled formats, scaling "block": name -> (element format, elements per block along the
+# contraction axis, scale: "e8m0" a power of two (OCP MX), "e4m3" an E4M3 number times a float32
+# scale of the whole tensor (NVFP4))
+BLOCK_FORMATS = {
+    "mxfp8_e4m3": ("e4m3", 32, "e8m0"),
+    "mxfp8_e5m2": ("e5m2", 32, "e8m0"),
+    "mxfp4": ("e2m1", 32, "e8m0"),
+    "nvfp4": ("e2m1", 16, "e4m3"),
+}
+EMAX = {"e4m3": 8, "e5m2": 15, "e2m1": 2}  # the exponent of each element format's largest normal
+BITS = {"e4m3": 8, "e5m2": 8, "e2m1": 4, "int8": 8, "mxfp8_e4m3": 8, "mxfp8_e5m2": 8, "mxfp4": 4, "nvfp4": 4}
 
 
 def absmax(x: jax.Array, axis: int | None = None, keepdims: bool = False) -> jax.Array:
@@ -41,15 +61,76 @@ def quantize(x: jax.Array, fmt: str, s: jax.Array, zeros: jax.Array | None = Non
     """(q, underflow, overflow): q = x / s rounded to the format (nearest, ties to even), saturated to
     its largest magnitude, times s; underflow = the fraction of nonzero x with q = 0; overflow = the
     fraction of all x whose x / s rounds beyond the largest magnitude (those saturate). One cast of x;
-    `zeros`, the count of x == 0, may be given (it is the same for every format and scale)."""
-    dtype, top = FORMATS[fmt]
-    y = x.astype(jnp.float32) / s
+    `zeros`, the count of x == 0, may be given (it is the same for every format and scale). Where s
+    is 0 (a block scale that underflowed), q is 0."""
+    dtype, top, beyond = FORMATS[fmt]
+    y = jnp.where(s > 0, x.astype(jnp.float32) / jnp.where(s > 0, s, 1.0), 0.0)
     rounded = jnp.round(y) if dtype is None else y.astype(dtype).astype(jnp.float32)
-    within = jnp.abs(rounded) <= top  # an fp8 cast beyond the range gives nan or inf
+    within = jnp.abs(y) < beyond  # beyond the range an FP8 cast gives nan, an FP4 cast saturates
     q = jnp.where(within, rounded, jnp.clip(y, -top, top)) * s
     zeros = count(x == 0) if zeros is None else zeros
     under = (count(rounded == 0) - zeros) / jnp.maximum(x.size - zeros, 1.0)  # zeros round to 0
     return q, under, count(~within) / jnp.float32(x.size)
+
+
+def _blocks(x: jax.Array, axis: int, size: int) -> jax.Array:
+    """x with its `axis` (negative) cut into blocks of `size`: (..., n / size, size, ...) after padding
+    that axis with zeros to a multiple of size."""
+    n = x.shape[axis]
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, -n % size)
+    x = jnp.pad(x, pad)
+    shape = list(x.shape)
+    shape[axis : axis + 1 or None] = [x.shape[axis] // size, size]
+    return x.reshape(shape)
+
+
+def _unblock(x: jax.Array, axis: int, n: int) -> jax.Array:
+    """The inverse of `_blocks` (axis counts from the end of the unblocked shape)."""
+    shape = list(x.shape)
+    shape[axis - 1 : axis + 1 or None] = [shape[axis - 1] * shape[axis]]
+    return jax.lax.slice_in_dim(x.reshape(shape), 0, n, axis=x.ndim - 1 + axis)
+
+
+def block_scales(blocks: jax.Array, fmt: str, tensor_amax: jax.Array, axis: int) -> jax.Array:
+    """The scale of each block of `blocks` (blocks along `axis`, see `_blocks`), kept as a size-1 axis.
+
+    e8m0 (OCP MX): 2^(floor(log2 amax_block) - emax), emax the exponent of the element format's
+    largest normal (values above its largest magnitude then saturate), its exponent clipped to
+    [-126, 127]. e4m3 (NVFP4): g * E4M3(amax_block / (6 g)) with the tensor scale g = amax_tensor /
+    (448 * 6), so the largest block scale fits E4M3; 0 where the E4M3 scale underflows.
+    """
+    element, _, kind = BLOCK_FORMATS[fmt]
+    amax = absmax(blocks, axis, keepdims=True)
+    if kind == "e8m0":
+        exponent = jnp.frexp(amax)[1] - 1 - EMAX[element]  # floor(log2 amax) - emax
+        return jnp.where(amax > 0, jnp.ldexp(jnp.float32(1), jnp.clip(exponent, -126, 127)), 1.0)
+    top = FORMATS[element][1]
+    g = jnp.where(tensor_amax > 0, tensor_amax / (448.0 * top), 1.0)
+    return (amax / (top * g)).astype(jnp.float8_e4m3fn).astype(jnp.float32) * g
+
+
+def block_range(blocks: jax.Array, axis: int) -> jax.Array:
+    """The mean over blocks holding a nonzero value of log2(max |x| / min nonzero |x|) in the block
+    (binades: the dynamic range one block scale has to cover)."""
+    a = jnp.abs(blocks)
+    high = jnp.max(a, axis=axis)
+    low = jnp.min(jnp.where(a > 0, a, jnp.inf), axis=axis)
+    used = high > 0
+    ranges = jnp.where(used, jnp.log2(high / jnp.where(used, low, 1.0)), 0.0)
+    return jnp.sum(ranges) / jnp.maximum(count(used), 1.0)
+
+
+def quantize_blocks(
+    x: jax.Array, fmt: str, axis: int, tensor_amax: jax.Array, zeros: jax.Array | None = None
+) -> tuple[jax.Array, ...]:
+    """(q, underflow, overflow, block range) of x in the block format `fmt`, blocks along `axis` (the
+    contraction axis: -1 for rows of A, -2 for columns of W); see `quantize` and `block_range`."""
+    element, size, _ = BLOCK_FORMATS[fmt]
+    blocks = _blocks(x.astype(jnp.float32), axis, size)
+    zeros = (count(x == 0) if zeros is None else zeros) + (blocks.size - x.size)  # with the padding
+    q, under, over = quantize(blocks, element, block_scales(blocks, fmt, tensor_amax, axis), zeros)
+    return _unblock(q, axis, x.shape[axis]), under, over * blocks.size / x.size, block_range(blocks, axis)
 
 
 def _rows_matmul(a: jax.Array, w: jax.Array) -> jax.Array:
@@ -117,6 +198,28 @@ def _format_stats(
     return out
 
 
+def _block_format_stats(
+    amaxes: tuple[jax.Array, jax.Array],
+    operands: tuple[jax.Array, jax.Array],
+    zeros: tuple[jax.Array, jax.Array],
+    exact: jax.Array,
+    fmt: str,
+) -> dict[str, jax.Array]:
+    """The range losses, block ranges and the error of C in the block format `fmt`."""
+    (a_rows, w_cols), name = operands, f"{fmt}/block"
+    qa, a_under, a_over, a_range = quantize_blocks(a_rows, fmt, -1, amaxes[0], zeros[0])
+    qw, w_under, w_over, w_range = quantize_blocks(w_cols, fmt, -2, amaxes[1], zeros[1])
+    return {
+        f"{name}/a_underflow": a_under,
+        f"{name}/a_overflow": a_over,
+        f"{name}/a_block_range": a_range,
+        f"{name}/w_underflow": w_under,
+        f"{name}/w_overflow": w_over,
+        f"{name}/w_block_range": w_range,
+        f"{name}/rel_err": rel_error(_rows_matmul(qa, qw), exact),
+    }
+
+
 def lowprec_stats(
     amaxes: tuple[jax.Array, jax.Array],
     a_rows: jax.Array,
@@ -135,8 +238,10 @@ def lowprec_stats(
     the rows come in G equal runs, each with its own W (a grouped matmul). For each format F and scaling S
     (F/S/...): a_underflow, a_overflow of a_rows, w_underflow, w_overflow of w_cols, and rel_err =
     ||Q(A) Q(W) - A W|| / ||A W|| (Frobenius, over the grid). Channel scaling scales A per row (token)
-    and W per column (output channel). The scalings of one format run one after the other in a loop,
-    so one quantized copy is alive at a time.
+    and W per column (output channel). A block format F (BLOCK_FORMATS) has the one scaling "block"
+    (blocks along the contraction axis k) and also F/block/a_block_range and w_block_range (see
+    `block_range`); NVFP4's tensor scales come from `amaxes`. The scalings of one format run one
+    after the other in a loop, so one quantized copy is alive at a time.
     For each k in r_bits, with Q_k(R) = round(R L) / L, L = 2^(k-1) - 1 (k uniform bits on [-1, 1]):
     r{k}/rel_err rebuilds C as E_ij * Q_k(R_ij) (E exact: it is only the n + m norms), and for each f
     in e_frac_bits er/e{f}/r{k}/rel_err as log_quantize(E_ij, f) * Q_k(R_ij) (E in the log domain).
@@ -146,7 +251,10 @@ def lowprec_stats(
     zeros = (count(a_rows == 0), count(w_cols == 0))
     out = {}
     for fmt in formats:
-        out |= _format_stats(amaxes, (a_rows, w_cols), zeros, exact, fmt, scalings)
+        if fmt in BLOCK_FORMATS:
+            out |= _block_format_stats(amaxes, (a_rows, w_cols), zeros, exact, fmt)
+        else:
+            out |= _format_stats(amaxes, (a_rows, w_cols), zeros, exact, fmt, scalings)
     u = jnp.sqrt(jnp.sum(a_rows * a_rows, axis=-1))[:, None]
     v = jnp.sqrt(jnp.sum(w_cols * w_cols, axis=-2))
     e = u * per_row(v, a_rows.shape[0])

@@ -89,9 +89,11 @@ def get_config() -> ml_collections.ConfigDict:
     # simulated low-precision formats of A and W: e4m3, e5m2, e2m1, int8 (with probes.scalings) and the
     # block-scaled mxfp8_e4m3, mxfp8_e5m2, mxfp4, nvfp4 (each one more product per matmul and capture)
     p.formats = ("e4m3", "e5m2", "int8")
-    p.scalings = ("none", "tensor", "channel")  # their scalings (channel: A per token, W per column)
-    p.r_bits = (4, 8)  # uniform bits of R in the E/R format
-    p.e_frac_bits = (0, 3)  # fractional bits of log2 E in the E/R format (0: E as a power of two)
+    # their scalings: channel = A per token, W per column by absmax; er = the E/R-split GEMM (A per token,
+    # W per column by the L2 norm: the directions quantised, E exact)
+    p.scalings = ("none", "tensor", "channel", "er")
+    p.r_bits = (4, 8)  # uniform bits of R when C is stored as E and R
+    p.e_frac_bits = (0, 3)  # fractional bits of the 8-bit log2 code of E (0: E as a power of two)
     p.rows = 256  # rows (tokens) per site for the sampled statistics: R, log split, low precision, medians
     p.cols = 256  # columns of a matmul's output per site for R, the log split and low precision
     p.dump_steps = ()  # steps at which the full tensors of dump_sites are written to WORKDIR/dumps

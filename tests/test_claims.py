@@ -218,11 +218,13 @@ def energy_captures(er: float, aw: float, e_range: float, share_r: float) -> Cap
     for step in (0, 100):
         for i in range(3):
             site = f"layer_0{i}/mlp/up"
-            values[(step, f"{site}/lowprec", "er/e3/r8/rel_err")] = er
-            values[(step, f"{site}/lowprec", "er/e0/r8/rel_err")] = 0.2
-            values[(step, f"{site}/lowprec", "r8/rel_err")] = er / 2
-            values[(step, f"{site}/lowprec", "e4m3/tensor/rel_err")] = aw
-            values[(step, f"{site}/lowprec", "int8/none/rel_err")] = 10 * aw
+            values[(step, f"{site}/lowprec", "store/er/exact/r8/rel_err")] = er
+            values[(step, f"{site}/lowprec", "store/er/e3/r8/rel_err")] = 2 * er
+            values[(step, f"{site}/lowprec", "store/er/e0/r8/rel_err")] = 0.2
+            values[(step, f"{site}/lowprec", "store/e4m3/row/rel_err")] = aw
+            values[(step, f"{site}/lowprec", "store/int8/tensor/rel_err")] = 10 * aw
+            values[(step, f"{site}/lowprec", "store/mxfp4/block/rel_err")] = aw / 100  # 4-bit: not compared
+            values[(step, f"{site}/lowprec", "gemm/e4m3/channel/rel_err")] = aw / 100  # another question
             values[(step, f"{site}/E", "log2_range")] = e_range
             values[(step, f"{site}/R", "share_r")] = share_r
     return captures_of(values)

@@ -95,10 +95,14 @@ def ref_energy_matrix(u, v):
 
 
 def ref_scale(x, fmt, scaling, axis):
-    """float32 divisor as documented: 1, absmax / fmt_max over all of x, or per slice along `axis`."""
+    """float32 divisor as documented: 1, absmax / fmt_max over all of x, or per slice along `axis`, or
+    the slice's L2 norm / fmt_max (er)."""
     x = np.asarray(x, np.float32)
     if scaling == "none":
         return np.float32(1.0)
+    if scaling == "er":
+        norm = np.sqrt(np.sum(np.float64(x) ** 2, axis=axis, keepdims=True))
+        return np.where(norm > 0, norm / FMT_MAX[fmt], 1.0).astype(np.float32)
     amax = np.max(np.abs(x), axis=None if scaling == "tensor" else axis, keepdims=scaling != "tensor")
     return np.where(amax > 0, amax / np.float32(FMT_MAX[fmt]), np.float32(1.0)).astype(np.float32)
 
@@ -181,32 +185,51 @@ def rel_err64(approx, exact):
     return np.linalg.norm(approx - exact) / np.linalg.norm(exact)
 
 
+def ref_log_code(e, f, bits=8):
+    """(E as a `bits`-bit log2 code on 2^-f steps below its largest value, the fraction clamped)."""
+    code = np.round(np.log2(e / e.max()) * 2.0**f)
+    floor = -(2.0**bits - 1)
+    return e.max() * np.exp2(np.maximum(code, floor) / 2.0**f), np.mean(code < floor)
+
+
 def ref_lowprec_stats(a, w, a_rows, w_rows, formats, scalings, r_bits, e_frac_bits):
     """float64 version of `lowprec.lowprec_stats` built from the ml_dtypes casts: everything on the rows,
-    the per-tensor scales from the whole operands."""
+    the per-tensor scales of the gemm from the whole operands, those of the stored C from the grid."""
     exact = matmul64(a_rows, w_rows)
     out = {}
     for fmt in formats:
         for scaling in scalings:
-            name = f"{fmt}/{scaling}"
+            name = f"gemm/{fmt}/{scaling}"
             sa, sw = ref_scale(a, fmt, scaling, -1), ref_scale(w, fmt, scaling, -2)
-            if scaling == "channel":
+            if scaling in ("channel", "er"):
                 sa, sw = ref_scale(a_rows, fmt, scaling, -1), ref_scale(w_rows, fmt, scaling, -2)
             out[f"{name}/a_underflow"], out[f"{name}/a_overflow"] = ref_range_loss(a_rows, fmt, sa)
             out[f"{name}/w_underflow"], out[f"{name}/w_overflow"] = ref_range_loss(w_rows, fmt, sw)
             approx = matmul64(ref_quantize(a_rows, fmt, sa), ref_quantize(w_rows, fmt, sw))
             out[f"{name}/rel_err"] = rel_err64(approx, exact)
+        c = f32(exact)
+        for scaling, axis in (("tensor", None), ("row", -1)):
+            s = ref_scale(c, fmt, "tensor" if axis is None else "channel", -1)
+            name = f"store/{fmt}/{scaling}"
+            out[f"{name}/underflow"], out[f"{name}/overflow"] = ref_range_loss(c, fmt, s)
+            out[f"{name}/rel_err"] = rel_err64(ref_quantize(c, fmt, s), exact)
     u = np.linalg.norm(np.asarray(a_rows, np.float64), axis=-1)[:, None]
     v = np.linalg.norm(np.asarray(w_rows, np.float64), axis=-2)
     e = u * (v if v.ndim == 1 else np.repeat(v, len(u) // len(v), axis=0))
     r = exact / e
+    codes = {"exact": e}
+    for f in e_frac_bits:
+        codes[f"e{f}"], out[f"store/er/e{f}/e_clamped"] = ref_log_code(e, f)
     for k in r_bits:
         levels = 2.0 ** (k - 1) - 1
-        r_q = np.round(r * levels) / levels
-        out[f"r{k}/rel_err"] = rel_err64(e * r_q, exact)
-        for f in e_frac_bits:
-            e_log = np.exp2(np.round(np.log2(e) * 2.0**f) / 2.0**f)
-            out[f"er/e{f}/r{k}/rel_err"] = rel_err64(e_log * r_q, exact)
+        r_max = np.abs(r).max()
+        r_codes = {
+            f"r{k}": np.round(r * levels) / levels,
+            f"r{k}s": np.round(r / r_max * levels) / levels * r_max,
+        }
+        for e_name, e_q in codes.items():
+            for r_name, r_q in r_codes.items():
+                out[f"store/er/{e_name}/{r_name}/rel_err"] = rel_err64(e_q * r_q, exact)
     return out
 
 
@@ -227,7 +250,7 @@ LIN_BINS = 16
 SAMPLE = 256
 TOPK = 3
 FORMATS = ("e4m3", "e5m2", "e2m1", "int8")
-SCALINGS = ("none", "tensor", "channel")
+SCALINGS = ("none", "tensor", "channel", "er")
 R_BITS = (4, 8)
 E_FRAC_BITS = (0, 3)
 
@@ -884,18 +907,21 @@ def test_lowprec_stats(grouped):
     ref = ref_lowprec_stats(a, w, a_rows, w_rows, FORMATS, SCALINGS, R_BITS, E_FRAC_BITS)
     assert set(got) == set(ref)
     for key, want in ref.items():
-        if key.endswith("flow"):
+        if key.endswith(("flow", "clamped")):
             np.testing.assert_allclose(got[key], want, rtol=1e-6, atol=0, err_msg=key)
         else:
             np.testing.assert_allclose(got[key], want, rtol=1e-4, err_msg=key)
             assert got[key] > 0, key
     for fmt in FORMATS:
-        assert got[f"{fmt}/none/a_overflow"] > 0
-        for scaling in ("tensor", "channel"):
-            assert got[f"{fmt}/{scaling}/a_overflow"] == 0 and got[f"{fmt}/{scaling}/w_overflow"] == 0
+        assert got[f"gemm/{fmt}/none/a_overflow"] > 0
+        for scaling in ("tensor", "channel", "er"):
+            name = f"gemm/{fmt}/{scaling}"
+            assert got[f"{name}/a_overflow"] == 0 and got[f"{name}/w_overflow"] == 0
     # more R bits: smaller error; E in the log domain costs accuracy, less with more fractional bits
-    assert got["r8/rel_err"] < got["r4/rel_err"] and got["er/e0/r8/rel_err"] < got["er/e0/r4/rel_err"]
-    assert got["r8/rel_err"] < got["er/e3/r8/rel_err"] < got["er/e0/r8/rel_err"]
+    er = lambda e, r: got[f"store/er/{e}/{r}/rel_err"]
+    assert er("exact", "r8") < er("exact", "r4") and er("e0", "r8") < er("e0", "r4")
+    assert er("e3", "r8") < er("e0", "r8")
+    assert er("exact", "r4s") < er("exact", "r4")  # R scaled to its own range uses its levels better
 
 
 quantize_blocks = jax.jit(lowprec.quantize_blocks, static_argnums=(1, 2))
@@ -948,10 +974,18 @@ def test_lowprec_stats_of_block_formats():
         qa = ref_quantize_blocks(a, fmt, -1, np.abs(a).max())[0]
         qw = ref_quantize_blocks(w, fmt, -2, np.abs(w).max())[0]
         want = rel_err64(matmul64(qa, qw), exact)
-        np.testing.assert_allclose(got[f"{fmt}/block/rel_err"], want, rtol=1e-4, err_msg=fmt)
-        assert got[f"{fmt}/block/a_block_range"] > 1  # Gaussian blocks of 16 or 32 span binades
-    assert got["mxfp8_e4m3/block/rel_err"] < got["mxfp8_e5m2/block/rel_err"] < got["mxfp4/block/rel_err"]
-    assert got["nvfp4/block/rel_err"] < got["mxfp4/block/rel_err"]
+        np.testing.assert_allclose(got[f"gemm/{fmt}/block/rel_err"], want, rtol=1e-4, err_msg=fmt)
+        assert got[f"gemm/{fmt}/block/a_block_range"] > 1  # Gaussian blocks of 16 or 32 span binades
+        c = f32(exact)
+        q, under, over, blocks = ref_quantize_blocks(c, fmt, -1, np.abs(c).max())  # stored: along rows
+        want = {"rel_err": rel_err64(q, exact), "underflow": under, "overflow": over, "block_range": blocks}
+        for stat, value in want.items():
+            np.testing.assert_allclose(
+                got[f"store/{fmt}/block/{stat}"], value, rtol=1e-4, atol=1e-7, err_msg=stat
+            )
+    for q in ("gemm", "store"):
+        err = lambda fmt, q=q: got[f"{q}/{fmt}/block/rel_err"]
+        assert err("mxfp8_e4m3") < err("mxfp8_e5m2") < err("mxfp4") and err("nvfp4") < err("mxfp4")
 
 
 def test_lowprec_sanity_gaussian():
@@ -962,9 +996,13 @@ def test_lowprec_sanity_gaussian():
     w = f32(rng.standard_normal((2, 64, 48)))
     got = to_np(lowprec_stats(a, w, a[0, :16], w[0]))
     ref = ref_lowprec_stats(a, w, a[0, :16], w[0], FORMATS, SCALINGS, R_BITS, E_FRAC_BITS)
-    for key in ("e4m3/tensor/rel_err", "e5m2/tensor/rel_err", "int8/channel/rel_err", "r4/rel_err"):
-        np.testing.assert_allclose(got[key], ref[key], rtol=1e-4, err_msg=key)
-    assert got["e4m3/tensor/rel_err"] < got["e5m2/tensor/rel_err"]
-    assert 0.005 < got["e4m3/tensor/rel_err"] < 0.05 and 0.01 < got["e5m2/tensor/rel_err"] < 0.1
-    assert got["int8/channel/rel_err"] <= got["int8/tensor/rel_err"] * 1.01
-    assert got["r8/rel_err"] < got["r4/rel_err"] / 4
+    for key in ("e4m3/tensor", "e5m2/tensor", "int8/channel", "int8/er"):
+        np.testing.assert_allclose(
+            got[f"gemm/{key}/rel_err"], ref[f"gemm/{key}/rel_err"], rtol=1e-4, err_msg=key
+        )
+    gemm = lambda name: got[f"gemm/{name}/rel_err"]
+    assert gemm("e4m3/tensor") < gemm("e5m2/tensor")
+    assert 0.005 < gemm("e4m3/tensor") < 0.05 and 0.01 < gemm("e5m2/tensor") < 0.1
+    assert gemm("int8/channel") <= gemm("int8/tensor") * 1.01
+    assert gemm("int8/channel") < gemm("int8/er")  # a unit direction holds ~1/sqrt(k): fewer levels used
+    assert got["store/er/exact/r8/rel_err"] < got["store/er/exact/r4/rel_err"] / 4

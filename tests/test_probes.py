@@ -293,9 +293,9 @@ def test_in_step_energy_correlation_and_low_precision_of_a_dumped_matmul(dumped_
         s = np.float32(np.abs(w_all).max() / top)
         q = np.clip(w32 / s, -top, top).astype(dtype).astype(np.float32) * s
         under = np.sum((w32 != 0) & (q == 0)) / np.sum(w32 != 0)
-        assert _scalar(captures, f"{site}/lowprec", f"{fmt}/tensor/w_underflow") == pytest.approx(under)
+        assert _scalar(captures, f"{site}/lowprec", f"gemm/{fmt}/tensor/w_underflow") == pytest.approx(under)
         raw = a32[rows].astype(dtype).astype(np.float32)
-        assert _scalar(captures, f"{site}/lowprec", f"{fmt}/none/a_overflow") == pytest.approx(
+        assert _scalar(captures, f"{site}/lowprec", f"gemm/{fmt}/none/a_overflow") == pytest.approx(
             np.mean(~(np.abs(raw) <= top))
         )
         # the error of C on the sampled rows, A per row and W per column scaled to the format
@@ -306,17 +306,26 @@ def test_in_step_energy_correlation_and_low_precision_of_a_dumped_matmul(dumped_
         ) @ (qw.astype(dtype).astype(np.float64) * (np.abs(w32).max(axis=0, keepdims=True) / top))
         exact = a32[rows].astype(np.float64) @ w32.astype(np.float64)
         want = np.linalg.norm(approx - exact) / np.linalg.norm(exact)
-        got = _scalar(captures, f"{site}/lowprec", f"{fmt}/channel/rel_err")
+        got = _scalar(captures, f"{site}/lowprec", f"gemm/{fmt}/channel/rel_err")
+        np.testing.assert_allclose(got, want, rtol=2e-3, err_msg=fmt)
+        # storing that grid of C itself, each row scaled to the format
+        row_scale = (np.abs(exact).max(axis=1, keepdims=True) / top).astype(np.float32)
+        stored = (exact.astype(np.float32) / row_scale).astype(dtype).astype(np.float64) * row_scale
+        want = np.linalg.norm(stored - exact) / np.linalg.norm(exact)
+        got = _scalar(captures, f"{site}/lowprec", f"store/{fmt}/row/rel_err")
         np.testing.assert_allclose(got, want, rtol=2e-3, err_msg=fmt)
     t = captures.table
     sampled = t[t.step == 2].set_index(["site", "stat"])["sampled"]
-    assert sampled[(f"{site}/R", "std")] and sampled[(f"{site}/lowprec", "e4m3/channel/rel_err")]
+    assert sampled[(f"{site}/R", "std")] and sampled[(f"{site}/lowprec", "gemm/e4m3/channel/rel_err")]
     assert not sampled[(f"{site}/E", "std")] and not sampled[(f"{site}/out", "kurtosis")]
     assert sampled[("layer_01/resid/out", "max_median_ratio")]
     assert not sampled[("layer_01/resid/out", "rms_kurtosis")]
     for k in cfg.probes.r_bits:  # E in the log domain costs precision, less with more fractional bits
-        err = {f: _scalar(captures, f"{site}/lowprec", f"er/e{f}/r{k}/rel_err") for f in (0, 3)}
-        assert 0 < _scalar(captures, f"{site}/lowprec", f"r{k}/rel_err") < err[3] < err[0] < 1
+        err = {
+            e: _scalar(captures, f"{site}/lowprec", f"store/er/{e}/r{k}/rel_err")
+            for e in ("e0", "e3", "exact")
+        }
+        assert 0 < err["exact"] < err["e0"] < 1 and err["e3"] < err["e0"]
 
 
 def test_disabled_probes_leave_only_the_plain_step():

@@ -139,8 +139,8 @@ def energy_and_correlation(captures: Captures, kinds: list[str]) -> Finding | No
 
 
 def low_precision(captures: Captures, kinds: list[str]) -> list[Finding]:
-    """Median over matmul sites at the last capture of the relative error of C for each A/W format and
-    scaling and each E/R format."""
+    """Median over matmul sites at the last capture of the relative error of C for each gemm/ and store/
+    format and scaling (see `probes.lowprec`)."""
     t = captures.table
     step = t.step.max()
     rows = t[(t.step == step) & t.site.str.endswith("/lowprec") & t.stat.str.endswith("rel_err")]

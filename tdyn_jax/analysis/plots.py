@@ -204,9 +204,10 @@ def energy(captures: Captures, kinds: list[str], path: Path) -> Path:
 
 
 def lowprec(captures: Captures, kinds: list[str], path: Path, step: int | None = None) -> Path:
-    """Relative error of C at one capture step (default: the last), mean over layers, per matmul kind:
-    A and W quantized (each format and scaling) next to the E/R formats (E exponent only or exact,
-    R on k bits). The default step is the last with finite errors (a run that diverged has none after)."""
+    """Relative error of C at one capture step (default: the last with finite errors: a run that
+    diverged has none after), mean over layers, per matmul kind, on two axes that answer two
+    questions: computing C from low-precision A and W (gemm/: each format and scaling, the E/R-split
+    GEMM hatched) and storing C (store/: C itself in each format, or as E and R, hatched)."""
     t = captures.table
     rows = t[t.site.str.endswith("/lowprec") & t.stat.str.endswith("rel_err") & np.isfinite(t.value)]
     if step is None:
@@ -219,36 +220,41 @@ def lowprec(captures: Captures, kinds: list[str], path: Path, step: int | None =
         return save(fig, path)
     rows = rows.assign(kind=[layer_free(s).removesuffix("/lowprec") for s in rows.site])
     table = rows[rows.kind.isin(kinds)].groupby(["kind", "stat"])["value"].mean().unstack("stat")
-    order = [c for c in table.columns if not c.startswith(("er/", "r"))]
-    order += sorted(c for c in table.columns if c.startswith(("er/", "r")))
-    table = table[order]
-    fig, ax = plt.subplots(figsize=(min(14, max(6, 0.22 * len(table.index) * len(order))), 3.6))
-    width = 0.8 / len(order)
-    colors = [plt.cm.tab20(i % 20) for i in range(len(order))]
+    questions = {"gemm": "computing C from A, W in low precision", "store": "storing C in low precision"}
+    columns = {q: sorted(c for c in table.columns if c.startswith(f"{q}/")) for q in questions}
+    widest = max(len(c) for c in columns.values())
+    fig, axes = plt.subplots(2, 1, figsize=(min(14, max(6, 0.2 * len(table.index) * widest)), 7.2))
     x = np.arange(len(table.index))
-    for i, (name, color) in enumerate(zip(order, colors, strict=True)):
-        hatch = "//" if name.startswith(("er/", "r")) else None
-        label = _lowprec_label(name.removesuffix("/rel_err"))
-        ax.bar(x + i * width, table[name], width, color=color, hatch=hatch, label=label)
-    ax.set_xticks(x + 0.4 - width / 2, table.index, rotation=20)
-    ax.set_yscale("log")
-    ax.set_ylabel("relative error of C (Frobenius)")
-    ax.set_title(f"low-precision error at step {step}: A, W quantized (plain) vs E/R formats (hatched)")
-    ax.legend(ncol=2, fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
+    for ax, (question, title) in zip(axes, questions.items(), strict=True):
+        order = columns[question]
+        width = 0.8 / max(len(order), 1)
+        for i, name in enumerate(order):
+            hatch = "//" if "/er" in name else None
+            label = _lowprec_label(name.removesuffix("/rel_err"))
+            ax.bar(x + i * width, table[name], width, color=plt.cm.tab20(i % 20), hatch=hatch, label=label)
+        ax.set_xticks(x + 0.4 - width / 2, table.index, rotation=20)
+        ax.set_yscale("log")
+        ax.set_ylabel("relative error of C")
+        ax.set_title(f"{title}, step {step} (E/R hatched)")
+        ax.legend(ncol=2, fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return save(fig, path)
 
 
 def _lowprec_label(name: str) -> str:
-    """Legend text of 'e4m3/tensor', 'er/e3/r8' (log2 E on 3 fractional bits, R on 8 bits), 'r8' (E exact,
-    R on 8 bits)."""
-    if name.startswith("er/"):
-        _, e, r = name.split("/")
-        return f"log2 E {e[1:]} frac bits, R {r[1:]} bits"
-    if name.startswith("r"):
-        return f"E exact, R {name[1:]} bits"
-    fmt, scaling = name.split("/")
-    return f"A,W {fmt} ({scaling} scale)"
+    """Legend text of 'gemm/e4m3/tensor', 'gemm/e4m3/er' (the E/R-split GEMM), 'store/int8/row',
+    'store/er/e3/r8s' (E as an 8-bit log code on 2^-3 steps, R on 8 bits scaled to its range),
+    'store/er/exact/r8' (E exact: its norm vectors)."""
+    question, *rest = name.split("/")
+    if question == "store" and rest[0] == "er":
+        e, r = rest[1:]
+        e_text = "E exact" if e == "exact" else f"E 8-bit log ({e[1:]} frac bits)"
+        r_text = f"R {r[1:].rstrip('s')} bits" + (" (own range)" if r.endswith("s") else "")
+        return f"{e_text}, {r_text}"
+    fmt, scaling = rest
+    if question == "store":
+        return f"C {fmt} ({scaling} scale)"
+    return f"A,W {fmt} ({'E/R-split' if scaling == 'er' else scaling + ' scale'})"
 
 
 def outlier_channels(captures: Captures, kind: str, path: Path) -> Path:

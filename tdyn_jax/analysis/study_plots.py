@@ -72,13 +72,16 @@ def claims_figure(
     medians = last.groupby("stat")["value"].median().sort_values()
     if len(medians):
         names = [s.removesuffix("/rel_err") for s in medians.index]
-        colors = ["tab:orange" if n.startswith(("er/", "r")) else "tab:blue" for n in names]
+        colors = [
+            "tab:orange" if "/er" in n else "tab:blue" if n.startswith("gemm/") else "tab:green"
+            for n in names
+        ]
         d.barh(names, medians.to_numpy(), color=colors)
         d.set_xscale("log")
         d.tick_params(axis="y", labelsize=6)
     d.set(
-        xlabel=f"median relative error of C at step {t.step.max()} (orange: E/R formats)",
-        title=f"(d) E/R vs A/W in low precision: {verdicts.get('d', '')}",
+        xlabel=f"median relative error of C at step {t.step.max()} (blue: gemm, green: store, orange: E/R)",
+        title=f"(d) storing C as E and R vs in 8 bits: {verdicts.get('d', '')}",
     )
     fig.tight_layout()
     return save(fig, path)

@@ -1,8 +1,8 @@
-"""Simulated low-precision matmuls, each measured by the relative error of C = A @ W on sampled rows
-and columns of C: casts of A and W to FP8 E4M3/E5M2, FP4 E2M1 or INT8 (none, tensor or channel
-scaling); the block-scaled formats MXFP8 (E4M3/E5M2), MXFP4 and NVFP4, their blocks along the
-contraction axis as hardware lays them out; and the E/R format (E in the log domain with f fractional
-bits, R with k uniform bits)."""
+"""Simulated low precision of one matmul C = A @ W, measured on sampled rows and columns of C as two
+questions: computing C from low-precision inputs (gemm/: casts of A and W to FP8 E4M3/E5M2, FP4 E2M1
+or INT8 with none, tensor, channel or E/R-split scaling, and the block-scaled MXFP8, MXFP4 and NVFP4
+with their blocks along the contraction axis, as hardware lays them out) and storing C in low
+precision (store/: C itself in those formats, or as E in a log code and R on k uniform bits)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ FORMATS = {
     "e2m1": (jnp.float4_e2m1fn, 6.0, 7.0),
     "int8": (None, 127.0, 127.5),
 }
-SCALINGS = ("none", "tensor", "channel")
+SCALINGS = ("none", "tensor", "channel", "er")
+E_BITS = 8  # bits of the log-domain code of E when C is stored as E and R
 # block-scaled formats, scaling "block": name -> (element format, elements per block along the
 # contraction axis, scale: "e8m0" a power of two (OCP MX), "e4m3" an E4M3 number times a float32
 # scale of the whole tensor (NVFP4))
@@ -49,11 +50,16 @@ def scale_of(amax: jax.Array, fmt: str) -> jax.Array:
 
 def scale(x: jax.Array, fmt: str, scaling: str, axis: int) -> jax.Array:
     """The divisor that maps x onto the format: 1 (none), absmax(x) / fmt_max (tensor), or that per
-    slice along `axis` (channel: per row of A with axis=-1, per column of W with axis=-2)."""
+    slice along `axis` (channel: per row of A with axis=-1, per column of W with axis=-2), or the
+    slice's L2 norm / fmt_max (er: the E/R-split GEMM, which quantises the directions a_i / ||a_i||
+    and w_j / ||w_j||, each mapped onto the format's range, and multiplies by E = ||a_i|| ||w_j||)."""
     if scaling == "none":
         return jnp.float32(1.0)
     if scaling == "tensor":
         return scale_of(absmax(x), fmt)
+    if scaling == "er":
+        x = x.astype(jnp.float32)
+        return scale_of(jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True)), fmt)
     return scale_of(absmax(x, axis, keepdims=True), fmt)
 
 
@@ -147,12 +153,17 @@ def per_row(v: jax.Array, rows: int) -> jax.Array:
     return v if v.ndim == 1 else jnp.repeat(v, rows // v.shape[0], axis=0)
 
 
-def log_quantize(x: jax.Array, frac_bits: int) -> jax.Array:
-    """2^(round(log2(x) 2^f) / 2^f) for x > 0 (0 elsewhere): x rounded in the log domain to f fractional
-    bits of its exponent; f = 0 gives the nearest power of two (relative error at most 2^(2^-(f+1)) - 1)."""
-    steps = 2.0**frac_bits
-    safe = jnp.where(x > 0, x, 1.0)
-    return jnp.where(x > 0, jnp.exp2(jnp.round(jnp.log2(safe) * steps) / steps), 0.0)
+def log_quantize(x: jax.Array, frac_bits: int, bits: int) -> tuple[jax.Array, jax.Array]:
+    """(q, clamped): x > 0 (0 elsewhere) as a code of `bits` bits in the log domain relative to the
+    largest x: log2(x / max x) rounded to steps of 2^-f (f = frac_bits; relative error at most
+    2^(2^-(f+1)) - 1) in [-(2^bits - 1) 2^-f, 0]; smaller x are clamped to that floor (`clamped`:
+    their fraction of the x > 0). With 8 bits, f = 0 spans 255 binades, f = 3 about 32."""
+    steps, floor = 2.0**frac_bits, -(2.0**bits - 1)
+    positive = x > 0
+    top = jnp.max(jnp.where(positive, x, 0.0))
+    code = jnp.round(jnp.log2(jnp.where(positive, x, 1.0) / jnp.where(top > 0, top, 1.0)) * steps)
+    clamped = count(positive & (code < floor)) / jnp.maximum(count(positive), 1.0)
+    return jnp.where(positive, top * jnp.exp2(jnp.maximum(code, floor) / steps), 0.0), clamped
 
 
 def rel_error(approx: jax.Array, exact: jax.Array) -> jax.Array:
@@ -163,7 +174,7 @@ def rel_error(approx: jax.Array, exact: jax.Array) -> jax.Array:
 def _scales(amax: jax.Array, part: jax.Array, fmt: str, scalings: tuple[str, ...], axis: int) -> jax.Array:
     """The scales of `part` (sampled rows of A, axis=-1, or columns of W, axis=-2) for each scaling,
     stacked on a new leading axis: none; tensor from `amax`, the absmax of the whole operand; channel
-    from the slices of `part` itself."""
+    and er from the slices of `part` itself."""
     shape = list(part.shape)
     shape[axis] = 1
     pick = lambda sc: scale_of(amax, fmt) if sc == "tensor" else scale(part, fmt, sc, axis)
@@ -191,7 +202,7 @@ def _format_stats(
     a_under, a_over, w_under, w_over, errors = jax.lax.map(one_scaling, (sa, sw))
     out = {}
     for i, sc in enumerate(scalings):
-        name = f"{fmt}/{sc}"
+        name = f"gemm/{fmt}/{sc}"
         out[f"{name}/a_underflow"], out[f"{name}/a_overflow"] = a_under[i], a_over[i]
         out[f"{name}/w_underflow"], out[f"{name}/w_overflow"] = w_under[i], w_over[i]
         out[f"{name}/rel_err"] = errors[i]
@@ -206,7 +217,7 @@ def _block_format_stats(
     fmt: str,
 ) -> dict[str, jax.Array]:
     """The range losses, block ranges and the error of C in the block format `fmt`."""
-    (a_rows, w_cols), name = operands, f"{fmt}/block"
+    (a_rows, w_cols), name = operands, f"gemm/{fmt}/block"
     qa, a_under, a_over, a_range = quantize_blocks(a_rows, fmt, -1, amaxes[0], zeros[0])
     qw, w_under, w_over, w_range = quantize_blocks(w_cols, fmt, -2, amaxes[1], zeros[1])
     return {
@@ -220,6 +231,44 @@ def _block_format_stats(
     }
 
 
+def _store_stats(c: jax.Array, formats: tuple[str, ...]) -> dict[str, jax.Array]:
+    """Underflow, overflow and error of the grid of C stored in each format: scaled by the grid's
+    absmax (tensor) or each row's (row), or in blocks along the rows (block formats)."""
+    zeros, amax, out = count(c == 0), absmax(c), {}
+    for fmt in formats:
+        if fmt in BLOCK_FORMATS:
+            q, under, over, blocks = quantize_blocks(c, fmt, -1, amax, zeros)
+            out[f"store/{fmt}/block/block_range"] = blocks
+            parts = {"block": (q, under, over)}
+        else:
+            scales = {"tensor": scale_of(amax, fmt), "row": scale_of(absmax(c, -1, keepdims=True), fmt)}
+            parts = {sc: quantize(c, fmt, s, zeros) for sc, s in scales.items()}
+        for sc, (q, under, over) in parts.items():
+            name = f"store/{fmt}/{sc}"
+            out[f"{name}/underflow"], out[f"{name}/overflow"] = under, over
+            out[f"{name}/rel_err"] = rel_error(q, c)
+    return out
+
+
+def _store_er_stats(
+    c: jax.Array, e: jax.Array, r_bits: tuple[int, ...], e_frac_bits: tuple[int, ...]
+) -> dict[str, jax.Array]:
+    """The error of the grid of C stored as E and R (see `lowprec_stats`)."""
+    out, e_codes = {}, {"exact": e}
+    for f in e_frac_bits:
+        e_codes[f"e{f}"], out[f"store/er/e{f}/e_clamped"] = log_quantize(e, f, E_BITS)
+    r = jnp.where(e > 0, c / jnp.where(e > 0, e, 1.0), 0.0)
+    r_max = jnp.maximum(absmax(r), jnp.finfo(jnp.float32).tiny)
+    for k in r_bits:
+        levels = 2.0 ** (k - 1) - 1
+        r_codes = {f"r{k}": jnp.round(r * levels) / levels}  # uniform on [-1, 1]
+        r_codes[f"r{k}s"] = jnp.round(r / r_max * levels) / levels * r_max  # on [-max |R|, max |R|]
+        for e_name, e_q in e_codes.items():
+            for r_name, r_q in r_codes.items():
+                out[f"store/er/{e_name}/{r_name}/rel_err"] = rel_error(e_q * r_q, c)
+    return out
+
+
 def lowprec_stats(
     amaxes: tuple[jax.Array, jax.Array],
     a_rows: jax.Array,
@@ -231,20 +280,26 @@ def lowprec_stats(
     e_frac_bits: tuple[int, ...],
 ) -> dict[str, jax.Array]:
     """Low-precision errors of one matmul C = A @ W, measured on a grid of sampled rows and columns
-    of C.
+    of C, as two questions named apart: computing C from low-precision inputs (gemm/...) and storing
+    C in low precision (store/...). Every rel_err is ||C^ - C|| / ||C|| (Frobenius, over the grid).
 
     `amaxes` are absmax(A) and absmax(W) over the whole operands (for the per-tensor scales); a_rows
     (r, k) are the sampled rows of A and w_cols the sampled columns of W: (k, c), or (G, k, c) when
-    the rows come in G equal runs, each with its own W (a grouped matmul). For each format F and scaling S
-    (F/S/...): a_underflow, a_overflow of a_rows, w_underflow, w_overflow of w_cols, and rel_err =
-    ||Q(A) Q(W) - A W|| / ||A W|| (Frobenius, over the grid). Channel scaling scales A per row (token)
-    and W per column (output channel). A block format F (BLOCK_FORMATS) has the one scaling "block"
-    (blocks along the contraction axis k) and also F/block/a_block_range and w_block_range (see
-    `block_range`); NVFP4's tensor scales come from `amaxes`. The scalings of one format run one
-    after the other in a loop, so one quantized copy is alive at a time.
-    For each k in r_bits, with Q_k(R) = round(R L) / L, L = 2^(k-1) - 1 (k uniform bits on [-1, 1]):
-    r{k}/rel_err rebuilds C as E_ij * Q_k(R_ij) (E exact: it is only the n + m norms), and for each f
-    in e_frac_bits er/e{f}/r{k}/rel_err as log_quantize(E_ij, f) * Q_k(R_ij) (E in the log domain).
+    the rows come in G equal runs, each with its own W (a grouped matmul).
+
+    gemm/F/S/: C^ = Q(A) Q(W) for each format F and scaling S (see `scale`: none, tensor, channel =
+    per row of A and column of W by absmax, er = the E/R-split GEMM, by their L2 norms):
+    a_underflow, a_overflow of a_rows, w_underflow, w_overflow of w_cols, rel_err. A block format F
+    (BLOCK_FORMATS) has the one scaling "block" (blocks along the contraction axis k) and also
+    a_block_range and w_block_range (see `block_range`); NVFP4's tensor scales come from `amaxes`.
+    The scalings of one format run one after the other in a loop, so one quantized copy is alive.
+
+    store/F/S/: the grid of C itself in F, scaled per tensor (the grid's absmax) or per row, or in
+    blocks along its rows: underflow, overflow, rel_err (block: block_range). store/er/E/R/rel_err:
+    C stored as E_ij * R_ij with E exact (E = exact: only the n + m norms) or as an E_BITS-bit log
+    code on 2^-f steps below the largest E (E = e{f} for f in e_frac_bits; store/er/e{f}/e_clamped is
+    the fraction of E below its range), and R on k uniform bits for k in r_bits: on [-1, 1] (R =
+    r{k}: round(R L) / L, L = 2^(k-1) - 1) or scaled to R's own absmax on the grid (R = r{k}s).
     """
     a_rows, w_cols = a_rows.astype(jnp.float32), w_cols.astype(jnp.float32)
     exact = _rows_matmul(a_rows, w_cols)
@@ -255,15 +310,7 @@ def lowprec_stats(
             out |= _block_format_stats(amaxes, (a_rows, w_cols), zeros, exact, fmt)
         else:
             out |= _format_stats(amaxes, (a_rows, w_cols), zeros, exact, fmt, scalings)
+    out |= _store_stats(exact, formats)
     u = jnp.sqrt(jnp.sum(a_rows * a_rows, axis=-1))[:, None]
     v = jnp.sqrt(jnp.sum(w_cols * w_cols, axis=-2))
-    e = u * per_row(v, a_rows.shape[0])
-    r = jnp.where(e > 0, exact / jnp.where(e > 0, e, 1.0), 0.0)
-    e_logs = {f: log_quantize(e, f) for f in e_frac_bits}
-    for k in r_bits:
-        levels = 2.0 ** (k - 1) - 1
-        r_q = jnp.round(r * levels) / levels
-        out[f"r{k}/rel_err"] = rel_error(e * r_q, exact)
-        for f, e_log in e_logs.items():
-            out[f"er/e{f}/r{k}/rel_err"] = rel_error(e_log * r_q, exact)
-    return out
+    return out | _store_er_stats(exact, u * per_row(v, a_rows.shape[0]), r_bits, e_frac_bits)

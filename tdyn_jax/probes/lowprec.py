@@ -231,41 +231,53 @@ def _block_format_stats(
     }
 
 
+def _stored(c: jax.Array, fmt: str, s: jax.Array, zeros: jax.Array) -> tuple[jax.Array, ...]:
+    """(underflow, overflow, error) of c stored in `fmt` with scale s."""
+    q, under, over = quantize(c, fmt, s, zeros)
+    return under, over, rel_error(q, c)
+
+
 def _store_stats(c: jax.Array, formats: tuple[str, ...]) -> dict[str, jax.Array]:
     """Underflow, overflow and error of the grid of C stored in each format: scaled by the grid's
-    absmax (tensor) or each row's (row), or in blocks along the rows (block formats)."""
+    absmax (tensor) or each row's (row), both at once (vmapped), or in blocks along the rows (block
+    formats)."""
     zeros, amax, out = count(c == 0), absmax(c), {}
+    row_amax = absmax(c, -1, keepdims=True)
     for fmt in formats:
         if fmt in BLOCK_FORMATS:
-            q, under, over, blocks = quantize_blocks(c, fmt, -1, amax, zeros)
-            out[f"store/{fmt}/block/block_range"] = blocks
-            parts = {"block": (q, under, over)}
+            q, under, over, out[f"store/{fmt}/block/block_range"] = quantize_blocks(c, fmt, -1, amax, zeros)
+            parts = {"block": (under, over, rel_error(q, c))}
         else:
-            scales = {"tensor": scale_of(amax, fmt), "row": scale_of(absmax(c, -1, keepdims=True), fmt)}
-            parts = {sc: quantize(c, fmt, s, zeros) for sc, s in scales.items()}
-        for sc, (q, under, over) in parts.items():
+            tensor = jnp.broadcast_to(scale_of(amax, fmt), row_amax.shape)
+            scales = jnp.stack([tensor, scale_of(row_amax, fmt)])
+            stats = jax.vmap(lambda s, fmt=fmt: _stored(c, fmt, s, zeros))(scales)
+            parts = {sc: tuple(t[i] for t in stats) for i, sc in enumerate(("tensor", "row"))}
+        for sc, (under, over, err) in parts.items():
             name = f"store/{fmt}/{sc}"
-            out[f"{name}/underflow"], out[f"{name}/overflow"] = under, over
-            out[f"{name}/rel_err"] = rel_error(q, c)
+            out[f"{name}/underflow"], out[f"{name}/overflow"], out[f"{name}/rel_err"] = under, over, err
     return out
 
 
 def _store_er_stats(
     c: jax.Array, e: jax.Array, r_bits: tuple[int, ...], e_frac_bits: tuple[int, ...]
 ) -> dict[str, jax.Array]:
-    """The error of the grid of C stored as E and R (see `lowprec_stats`)."""
+    """The error of the grid of C stored as E and R (see `lowprec_stats`), every pair of E and R codes
+    in one stacked product."""
     out, e_codes = {}, {"exact": e}
     for f in e_frac_bits:
         e_codes[f"e{f}"], out[f"store/er/e{f}/e_clamped"] = log_quantize(e, f, E_BITS)
     r = jnp.where(e > 0, c / jnp.where(e > 0, e, 1.0), 0.0)
     r_max = jnp.maximum(absmax(r), jnp.finfo(jnp.float32).tiny)
+    r_codes = {}
     for k in r_bits:
         levels = 2.0 ** (k - 1) - 1
-        r_codes = {f"r{k}": jnp.round(r * levels) / levels}  # uniform on [-1, 1]
+        r_codes[f"r{k}"] = jnp.round(r * levels) / levels  # uniform on [-1, 1]
         r_codes[f"r{k}s"] = jnp.round(r / r_max * levels) / levels * r_max  # on [-max |R|, max |R|]
-        for e_name, e_q in e_codes.items():
-            for r_name, r_q in r_codes.items():
-                out[f"store/er/{e_name}/{r_name}/rel_err"] = rel_error(e_q * r_q, c)
+    approx = jnp.stack(list(e_codes.values()))[:, None] * jnp.stack(list(r_codes.values()))[None]
+    errors = jnp.sqrt(jnp.sum((approx - c) ** 2, axis=(2, 3)) / jnp.sum(c * c))
+    for i, e_name in enumerate(e_codes):
+        for j, r_name in enumerate(r_codes):
+            out[f"store/er/{e_name}/{r_name}/rel_err"] = errors[i, j]
     return out
 
 

@@ -270,7 +270,7 @@ def test_resume_on_a_different_mesh_reshards_the_checkpoint(tmp_path):
     eight = subprocess.run(
         run_cmd(moved, constant, PLAIN, "--config.mesh.fsdp=2"),  # 4 (data) x 2 (fsdp) virtual devices
         cwd=ROOT,
-        env={**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        env={**ENV, "XLA_FLAGS": f"{ENV['XLA_FLAGS']} --xla_force_host_platform_device_count=8"},
         capture_output=True,
         text=True,
         timeout=300,

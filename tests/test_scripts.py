@@ -39,7 +39,7 @@ def test_probe_overhead_benchmark():
 
 def test_tpu_compile_benchmark_on_local_devices():
     """The script that compiles for a TPU topology, here for 8 virtual CPU devices (libtpu is optional)."""
-    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**ENV, "XLA_FLAGS": f"{ENV['XLA_FLAGS']} --xla_force_host_platform_device_count=8"}
     args = [
         "benchmarks/tpu_compile.py",
         "--config=configs/tiny.py",

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tdyn_jax.probes.energy import correlation, norms
 from tdyn_jax.probes.stats import count
 
 # name -> (dtype of the cast or None for integers, largest finite magnitude, the smallest magnitude
@@ -50,16 +51,12 @@ def scale_of(amax: jax.Array, fmt: str) -> jax.Array:
 
 def scale(x: jax.Array, fmt: str, scaling: str, axis: int) -> jax.Array:
     """The divisor that maps x onto the format: 1 (none), absmax(x) / fmt_max (tensor), or that per
-    slice along `axis` (channel: per row of A with axis=-1, per column of W with axis=-2), or the
-    slice's L2 norm / fmt_max (er: the E/R-split GEMM, which quantises the directions a_i / ||a_i||
-    and w_j / ||w_j||, each mapped onto the format's range, and multiplies by E = ||a_i|| ||w_j||)."""
+    slice along `axis` (channel: per row of A with axis=-1, per column of W with axis=-2). The
+    scaling er (the E/R-split GEMM) divides each slice by its L2 norm / fmt_max instead: see `_scales`."""
     if scaling == "none":
         return jnp.float32(1.0)
     if scaling == "tensor":
         return scale_of(absmax(x), fmt)
-    if scaling == "er":
-        x = x.astype(jnp.float32)
-        return scale_of(jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True)), fmt)
     return scale_of(absmax(x, axis, keepdims=True), fmt)
 
 
@@ -171,13 +168,18 @@ def rel_error(approx: jax.Array, exact: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum((approx - exact) ** 2) / jnp.sum(exact * exact))
 
 
-def _scales(amax: jax.Array, part: jax.Array, fmt: str, scalings: tuple[str, ...], axis: int) -> jax.Array:
+def _scales(
+    amax: jax.Array, norm: jax.Array, part: jax.Array, fmt: str, scalings: tuple[str, ...], axis: int
+) -> jax.Array:
     """The scales of `part` (sampled rows of A, axis=-1, or columns of W, axis=-2) for each scaling,
     stacked on a new leading axis: none; tensor from `amax`, the absmax of the whole operand; channel
-    and er from the slices of `part` itself."""
+    from the slices of `part` itself; er from `norm`, the L2 norms of those slices (kept dims): the
+    E/R-split GEMM quantises the directions a_i / ||a_i|| and w_j / ||w_j||, each mapped onto the
+    format's range, and multiplies by E = ||a_i|| ||w_j||."""
     shape = list(part.shape)
     shape[axis] = 1
-    pick = lambda sc: scale_of(amax, fmt) if sc == "tensor" else scale(part, fmt, sc, axis)
+    picks = {"tensor": lambda: scale_of(amax, fmt), "er": lambda: scale_of(norm, fmt)}
+    pick = lambda sc: picks[sc]() if sc in picks else scale(part, fmt, sc, axis)
     return jnp.stack([jnp.broadcast_to(pick(sc), shape) for sc in scalings])
 
 
@@ -185,14 +187,15 @@ def _format_stats(
     amaxes: tuple[jax.Array, jax.Array],
     operands: tuple[jax.Array, jax.Array],
     zeros: tuple[jax.Array, jax.Array],
+    norms: tuple[jax.Array, jax.Array],
     exact: jax.Array,
     fmt: str,
     scalings: tuple[str, ...],
 ) -> dict[str, jax.Array]:
     """The range losses and the error of C in format `fmt`, for all `scalings` at once."""
     (a_rows, w_cols), (a_zeros, w_zeros) = operands, zeros
-    sa = _scales(amaxes[0], a_rows, fmt, scalings, -1)
-    sw = _scales(amaxes[1], w_cols, fmt, scalings, -2)
+    sa = _scales(amaxes[0], norms[0], a_rows, fmt, scalings, -1)
+    sw = _scales(amaxes[1], norms[1], w_cols, fmt, scalings, -2)
 
     def one_scaling(scales: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
         qa, a_under, a_over = quantize(a_rows, fmt, scales[0], a_zeros)
@@ -266,7 +269,7 @@ def _store_er_stats(
     out, e_codes = {}, {"exact": e}
     for f in e_frac_bits:
         e_codes[f"e{f}"], out[f"store/er/e{f}/e_clamped"] = log_quantize(e, f, E_BITS)
-    r = jnp.where(e > 0, c / jnp.where(e > 0, e, 1.0), 0.0)
+    r = correlation(c, e)
     r_max = jnp.maximum(absmax(r), jnp.finfo(jnp.float32).tiny)
     r_codes = {}
     for k in r_bits:
@@ -316,13 +319,13 @@ def lowprec_stats(
     a_rows, w_cols = a_rows.astype(jnp.float32), w_cols.astype(jnp.float32)
     exact = _rows_matmul(a_rows, w_cols)
     zeros = (count(a_rows == 0), count(w_cols == 0))
+    u, v = norms(a_rows, w_cols)  # (r,), (c,) or (G, c)
+    kept = (u[:, None], jnp.expand_dims(v, -2))  # as the slices of a_rows and w_cols they measure
     out = {}
     for fmt in formats:
         if fmt in BLOCK_FORMATS:
             out |= _block_format_stats(amaxes, (a_rows, w_cols), zeros, exact, fmt)
         else:
-            out |= _format_stats(amaxes, (a_rows, w_cols), zeros, exact, fmt, scalings)
+            out |= _format_stats(amaxes, (a_rows, w_cols), zeros, kept, exact, fmt, scalings)
     out |= _store_stats(exact, formats)
-    u = jnp.sqrt(jnp.sum(a_rows * a_rows, axis=-1))[:, None]
-    v = jnp.sqrt(jnp.sum(w_cols * w_cols, axis=-2))
-    return out | _store_er_stats(exact, u * per_row(v, a_rows.shape[0]), r_bits, e_frac_bits)
+    return out | _store_er_stats(exact, u[:, None] * per_row(v, a_rows.shape[0]), r_bits, e_frac_bits)

@@ -31,6 +31,14 @@ def get_config() -> ml_collections.ConfigDict:
     m.remat = "none"  # none | full | dots | dots_no_batch: what a block saves for the backward pass
     m.param_dtype = "float32"  # float32 | bfloat16: parameters and optimizer state
     m.compute_dtype = "float32"  # float32 | bfloat16: matmul inputs (accumulation is always float32)
+    # simulated low-precision training of the weight matmuls (tdyn_jax/fake_quant.py): none | F/S, F one
+    # of e4m3, e5m2, e2m1, int8 and S one of none, tensor, channel (A per token, W per column by absmax),
+    # er (the E/R-split GEMM) | mxfp8_e4m3, mxfp8_e5m2, mxfp4, nvfp4 (blocks along the contraction axis)
+    m.matmul_format = "none"
+    m.matmul_grad_format = "none"  # none: backward products straight through; else dL/dC's format in both
+    # the weight matmuls in low precision, without the layer: attn/q, attn/k, attn/v, attn/out, mlp/up,
+    # mlp/gate, mlp/down, unembed
+    m.matmul_sites = ("*",)
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "shakespeare"  # shakespeare | synthetic | text (file or directory) | tokens (.bin)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from typing import Any
 
 import ml_collections
 
+from tdyn_jax import fake_quant
 from tdyn_jax.probes.lowprec import BLOCK_FORMATS, FORMATS, SCALINGS
 from tdyn_jax.probes.spec import GROUPS
 
@@ -124,10 +126,33 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         )
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    validate_matmul_precision(m)
     validate_probes(cfg.probes)
     validate_analysis(cfg.analysis)
     if num_devices is not None:
         validate_mesh(cfg, num_devices)
+
+
+def validate_matmul_precision(m: ml_collections.ConfigDict) -> None:
+    """Checks model.matmul_format, matmul_grad_format and matmul_sites (simulated low precision)."""
+    for field in ("matmul_format", "matmul_grad_format"):
+        try:
+            fake_quant.parse(m[field])
+        except ValueError as e:
+            raise ConfigError(f"model.{field}={e}") from None
+    if m.matmul_format == "none" and m.matmul_grad_format != "none":
+        raise ConfigError(
+            f"model.matmul_grad_format={m.matmul_grad_format!r} needs a model.matmul_format: set one "
+            "(e.g. e4m3/tensor) or matmul_grad_format=none"
+        )
+    if not isinstance(m.matmul_sites, list | tuple) or not m.matmul_sites:
+        raise ConfigError(f"model.matmul_sites={m.matmul_sites!r} must be a non-empty tuple of patterns")
+    for pattern in m.matmul_sites:
+        if not isinstance(pattern, str) or not fnmatch.filter(fake_quant.WEIGHT_MATMULS, pattern):
+            raise ConfigError(
+                f"model.matmul_sites entry {pattern!r} matches no weight matmul: use patterns over "
+                f"{', '.join(fake_quant.WEIGHT_MATMULS)}"
+            )
 
 
 def validate_probes(p: ml_collections.ConfigDict) -> None:

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from tdyn_jax.fake_quant import MatmulPrecision, from_config
 from tdyn_jax.probes import capture
-from tdyn_jax.probes.naming import SCANNED, layer_name
+from tdyn_jax.probes.naming import SCANNED, layer_free, layer_name
 from tdyn_jax.probes.spec import ProbeSpec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -30,7 +31,8 @@ def matmul(a: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
 class Linear(nn.Module):
     """y = x @ W (+ b): the one module through which every weight matmul of the model runs.
 
-    A `kernel` passed at call time (tied unembedding) replaces the module's own parameter.
+    A `kernel` passed at call time (tied unembedding) replaces the module's own parameter. With a
+    `precision` that applies to this matmul, the product is computed in simulated low precision.
     """
 
     features: int
@@ -40,13 +42,17 @@ class Linear(nn.Module):
     init_std: float
     out_dtype: jnp.dtype | None = None  # None: the compute dtype
     probe: ProbeSpec | None = None
+    precision: MatmulPrecision | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
         if kernel is None:
             init = nn.initializers.normal(self.init_std)
             kernel = self.param("kernel", init, (x.shape[-1], self.features), self.param_dtype)
-        y = matmul(x, kernel, self.dtype)
+        if self.precision is not None and self.precision.applies(layer_free(self.path)):
+            y = self.precision.matmul(x, kernel, self.dtype)
+        else:
+            y = matmul(x, kernel, self.dtype)
         if self.probe is not None:
             y = capture.matmul(self, x.astype(self.dtype), kernel.astype(self.dtype), y)
         if self.use_bias:
@@ -158,7 +164,9 @@ def _linear_factory(
     dtype, pdtype = DTYPES[c.compute_dtype], DTYPES[c.param_dtype]
 
     def make(features: int, name: str) -> Linear:
-        return Linear(features, c.use_bias, dtype, pdtype, std, probe=probe, name=name)
+        return Linear(
+            features, c.use_bias, dtype, pdtype, std, probe=probe, precision=from_config(c), name=name
+        )
 
     return make
 
@@ -233,7 +241,15 @@ class Transformer(nn.Module):
             x = _norm(c, "final_norm", probe=self.probe)(x)
         kernel = embed.T if c.tie_embeddings else None
         unembed = Linear(
-            c.vocab_size, False, dtype, pdtype, c.init_std, jnp.float32, probe=self.probe, name="unembed"
+            c.vocab_size,
+            False,
+            dtype,
+            pdtype,
+            c.init_std,
+            jnp.float32,
+            self.probe,
+            from_config(c),
+            name="unembed",
         )
         logits = unembed(x, kernel)
         capture.log_partition(self, "logits", logits)

@@ -66,17 +66,28 @@ def quantize(x: jax.Array, fmt: str, s: jax.Array, zeros: jax.Array | None = Non
     fraction of all x whose x / s rounds beyond the largest magnitude (those saturate). One cast of x;
     `zeros`, the count of x == 0, may be given (it is the same for every format and scale). Where s
     is 0 (a block scale that underflowed), q is 0."""
-    dtype, top, beyond = FORMATS[fmt]
-    y = jnp.where(s > 0, x.astype(jnp.float32) / jnp.where(s > 0, s, 1.0), 0.0)
-    rounded = jnp.round(y) if dtype is None else y.astype(dtype).astype(jnp.float32)
-    within = jnp.abs(y) < beyond  # beyond the range an FP8 cast gives nan, an FP4 cast saturates
-    q = jnp.where(within, rounded, jnp.clip(y, -top, top)) * s
+    y = divide(x, s)
+    q, rounded, within = cast(y, fmt)
     zeros = count(x == 0) if zeros is None else zeros
     under = (count(rounded == 0) - zeros) / jnp.maximum(x.size - zeros, 1.0)  # zeros round to 0
-    return q, under, count(~within) / jnp.float32(x.size)
+    return q * s, under, count(~within) / jnp.float32(x.size)
 
 
-def _blocks(x: jax.Array, axis: int, size: int) -> jax.Array:
+def divide(x: jax.Array, s: jax.Array) -> jax.Array:
+    """x / s in float32, 0 where s is 0 (a block scale that underflowed)."""
+    return jnp.where(s > 0, x.astype(jnp.float32) / jnp.where(s > 0, s, 1.0), 0.0)
+
+
+def cast(y: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(q, rounded, within): y (float32) rounded to the format (nearest, ties to even) and saturated
+    to its largest magnitude; the rounding alone; whether y rounds within the range."""
+    dtype, top, beyond = FORMATS[fmt]
+    rounded = jnp.round(y) if dtype is None else y.astype(dtype).astype(jnp.float32)
+    within = jnp.abs(y) < beyond  # beyond the range an FP8 cast gives nan, an FP4 cast saturates
+    return jnp.where(within, rounded, jnp.clip(y, -top, top)), rounded, within
+
+
+def to_blocks(x: jax.Array, axis: int, size: int) -> jax.Array:
     """x with its `axis` (negative) cut into blocks of `size`: (..., n / size, size, ...) after padding
     that axis with zeros to a multiple of size."""
     n = x.shape[axis]
@@ -88,29 +99,33 @@ def _blocks(x: jax.Array, axis: int, size: int) -> jax.Array:
     return x.reshape(shape)
 
 
-def _unblock(x: jax.Array, axis: int, n: int) -> jax.Array:
-    """The inverse of `_blocks` (axis counts from the end of the unblocked shape)."""
+def from_blocks(x: jax.Array, axis: int, n: int) -> jax.Array:
+    """The inverse of `to_blocks` (axis counts from the end of the unblocked shape)."""
     shape = list(x.shape)
     shape[axis - 1 : axis + 1 or None] = [shape[axis - 1] * shape[axis]]
     return jax.lax.slice_in_dim(x.reshape(shape), 0, n, axis=x.ndim - 1 + axis)
 
 
-def block_scales(blocks: jax.Array, fmt: str, tensor_amax: jax.Array, axis: int) -> jax.Array:
-    """The scale of each block of `blocks` (blocks along `axis`, see `_blocks`), kept as a size-1 axis.
+def block_scales(
+    blocks: jax.Array, fmt: str, tensor_amax: jax.Array, axis: int
+) -> tuple[jax.Array, jax.Array]:
+    """(b, g): the scale of each block of `blocks` (blocks along `axis`, see `to_blocks`) is b * g, b
+    kept as a size-1 axis, g one float32 number for the tensor.
 
-    e8m0 (OCP MX): 2^(floor(log2 amax_block) - emax), emax the exponent of the element format's
+    e8m0 (OCP MX): b = 2^(floor(log2 amax_block) - emax), emax the exponent of the element format's
     largest normal (values above its largest magnitude then saturate), its exponent clipped to
-    [-126, 127]. e4m3 (NVFP4): g * E4M3(amax_block / (6 g)) with the tensor scale g = amax_tensor /
-    (448 * 6), so the largest block scale fits E4M3; 0 where the E4M3 scale underflows.
+    [-126, 127]; g = 1. e4m3 (NVFP4): b = E4M3(amax_block / (6 g)) with the tensor scale g =
+    amax_tensor / (448 * 6), so the largest block scale fits E4M3; b = 0 where it underflows.
     """
     element, _, kind = BLOCK_FORMATS[fmt]
     amax = absmax(blocks, axis, keepdims=True)
     if kind == "e8m0":
         exponent = jnp.frexp(amax)[1] - 1 - EMAX[element]  # floor(log2 amax) - emax
-        return jnp.where(amax > 0, jnp.ldexp(jnp.float32(1), jnp.clip(exponent, -126, 127)), 1.0)
+        b = jnp.where(amax > 0, jnp.ldexp(jnp.float32(1), jnp.clip(exponent, -126, 127)), 1.0)
+        return b, jnp.float32(1.0)
     top = FORMATS[element][1]
-    g = jnp.where(tensor_amax > 0, tensor_amax / (448.0 * top), 1.0)
-    return (amax / (top * g)).astype(jnp.float8_e4m3fn).astype(jnp.float32) * g
+    g = jnp.where(tensor_amax > 0, tensor_amax / (448.0 * top), 1.0).astype(jnp.float32)
+    return (amax / (top * g)).astype(jnp.float8_e4m3fn).astype(jnp.float32), g
 
 
 def block_range(blocks: jax.Array, axis: int) -> jax.Array:
@@ -130,10 +145,11 @@ def quantize_blocks(
     """(q, underflow, overflow, block range) of x in the block format `fmt`, blocks along `axis` (the
     contraction axis: -1 for rows of A, -2 for columns of W); see `quantize` and `block_range`."""
     element, size, _ = BLOCK_FORMATS[fmt]
-    blocks = _blocks(x.astype(jnp.float32), axis, size)
+    blocks = to_blocks(x.astype(jnp.float32), axis, size)
     zeros = (count(x == 0) if zeros is None else zeros) + (blocks.size - x.size)  # with the padding
-    q, under, over = quantize(blocks, element, block_scales(blocks, fmt, tensor_amax, axis), zeros)
-    return _unblock(q, axis, x.shape[axis]), under, over * blocks.size / x.size, block_range(blocks, axis)
+    b, g = block_scales(blocks, fmt, tensor_amax, axis)
+    q, under, over = quantize(blocks, element, b * g, zeros)
+    return from_blocks(q, axis, x.shape[axis]), under, over * blocks.size / x.size, block_range(blocks, axis)
 
 
 def _rows_matmul(a: jax.Array, w: jax.Array) -> jax.Array:

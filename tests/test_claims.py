@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from tdyn_jax.analysis import claims, levers, study
+from tdyn_jax.analysis import lowprec_training as lpt
 from tdyn_jax.analysis.load import Captures, ProbeArray
 from tdyn_jax.analysis.verdicts import (
     INCONCLUSIVE,
@@ -311,3 +312,41 @@ def test_training_seconds_from_metrics():
     )
     assert study.training_seconds(metrics) == pytest.approx(10 * 0.5 + 20 * 0.25 + 10 * 1.0 + 20.0)
     assert np.isnan(study.training_seconds(pd.DataFrame()))
+
+
+def test_lowprec_divergence_step():
+    reference = pd.DataFrame({"step": [20, 40, 60, 80], "loss": [4.0, 3.0, 2.5, 2.0]})
+    close = reference.assign(loss=[4.1, 3.5, 3.4, 2.9])  # within 1 nat of float32 at every step
+    assert np.isnan(lpt.divergence_step(close, reference, None))
+    assert lpt.divergence_step(reference.assign(loss=[4.1, 3.5, 3.6, 2.9]), reference, None) == 60
+    assert lpt.divergence_step(reference.assign(loss=[4.1, np.inf, 2.6, 2.1]), reference, None) == 40
+    assert lpt.divergence_step(close.iloc[:2], reference, 47) == 47  # a non-finite loss stopped the run
+
+
+def lowprec_table(**gaps):
+    """A runs table with the E/R pairs' validation gaps (a string value: diverged at that step)."""
+    rows = []
+    for pair in lpt.ER_PAIRS:
+        for run in pair:
+            value = gaps.get(run, 0.05)
+            if isinstance(value, str):  # diverged: its last gap is whatever it was
+                rows.append({"run": run, "val_gap": 9.0, "diverged_at": float(value[1:])})
+            else:
+                rows.append({"run": run, "val_gap": value, "diverged_at": np.nan})
+    return pd.DataFrame(rows)
+
+
+def test_er_claim_rules():
+    better = {er: 0.01 for er, _ in lpt.ER_PAIRS}
+    assert lpt.er_claim(lowprec_table(**better)).verdict == SUPPORTED
+    claim = lpt.er_claim(lowprec_table(**{**better, "er_fp4": 0.2}))
+    assert claim.verdict == NOT_SUPPORTED and claim.checks[0].value == pytest.approx(0.15)
+    assert lpt.er_claim(lowprec_table(**{**better, "er_fp8_bwd": 0.2})).verdict == INCONCLUSIVE
+    # a diverged run counts as DIVERGED_GAP: the channel run diverging makes the split the better one
+    claim = lpt.er_claim(lowprec_table(**{**better, "fp4_channel": "@120"}))
+    assert claim.checks[0].value == pytest.approx(0.01 - lpt.DIVERGED_GAP) and claim.verdict == SUPPORTED
+    assert "fp4_channel diverged at step 120" in claim.checks[0].detail
+    both = lpt.er_claim(lowprec_table(**{**better, "er_fp4": "@80", "fp4_channel": "@120"}))
+    assert both.checks[0].holds is None and both.verdict == INCONCLUSIVE
+    missing = lpt.er_claim(lowprec_table(**better).iloc[2:])
+    assert np.isnan(missing.checks[0].value) and missing.verdict == INCONCLUSIVE

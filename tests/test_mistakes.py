@@ -91,6 +91,13 @@ CASES = [
     ("experiments/outlier_levers.py", ["--scale=tiny", "--lrs=abc"], "--lrs and --eps take numbers"),
     ("experiments/outlier_levers.py", ["--scale=tiny", "--norms=weird"], "--norms: unknown weird"),
     ("experiments/outlier_levers.py", ["--scale=bogus"], "flag --scale=bogus"),
+    ("experiments/lowprec_training.py", ["--scale=tiny", "--runs=fp9"], "--runs: unknown fp9"),
+    ("experiments/lowprec_training.py", ["--scale=tiny", "--runs=mxfp4"], "--runs must include float32"),
+    (
+        "run.py",
+        [TINY, "--workdir={fresh}", "--config.model.matmul_format=fp8"],
+        "model.matmul_format='fp8' is not a format",
+    ),
 ]
 
 

@@ -76,6 +76,28 @@ def test_outlier_levers_tiny(tmp_path):
     assert_image(out / "outlier_levers" / "kurtosis.png")
 
 
+def test_lowprec_training_tiny(tmp_path):
+    out, runs_dir = tmp_path / "results", tmp_path / "runs"
+    done = script("lowprec_training", f"--workdir={runs_dir}", f"--out={out}", "--runs=er_fp4_bwd,float32")
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = pd.read_csv(out / "lowprec_training" / "runs.csv").set_index("run")
+    assert list(runs.index) == ["float32", "er_fp4_bwd"]  # the reference first
+    assert runs.loc["er_fp4_bwd", ["forward", "backward"]].tolist() == ["e2m1/er", "e2m1/er"]
+    for run in runs.index:
+        metrics = pd.read_json(runs_dir / run / "metrics.jsonl", lines=True)
+        assert runs.loc[run, "final_loss"] == pytest.approx(metrics.loss.iloc[-1], rel=1e-6)
+        assert runs.loc[run, "val_loss"] == pytest.approx(metrics.val_loss.dropna().iloc[-1], rel=1e-6)
+    gap = runs.loc["er_fp4_bwd", "val_loss"] - runs.loc["float32", "val_loss"]
+    assert runs.loc["er_fp4_bwd", "val_gap"] == pytest.approx(gap, abs=1e-9) and gap != 0
+    assert runs.loc["float32", "loss_gap"] == 0 and runs.diverged_at.isna().all()
+    assert (runs.peak_rms_kurtosis >= 1).all() and (runs.peak_massive_ratio > 1).all()
+    page = (out / "lowprec_training.md").read_text()
+    assert page.count("\n| float32 |") == 1 and page.count("\n| er_fp4_bwd |") == 1
+    # the pairs the claim compares were not trained: inconclusive, every check not measurable
+    assert "**inconclusive**" in page and page.count("| not measurable |") == 4
+    assert_image(out / "lowprec_training" / "losses.png")
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

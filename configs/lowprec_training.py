@@ -3,7 +3,7 @@ matmuls in each simulated number format (model.matmul_format), forward only or f
 
 Only the residual stream's moments and outlier metrics are captured, so that each format's outliers can
 be compared. Scales (``experiments/lowprec_training.py --scale=large``): tiny (seconds, for tests), cpu
-(d_model 128, 4 layers, 400 steps of 16 x 128 tokens of Shakespeare: about 3 minutes per run on 2
+(d_model 128, 4 layers, 800 steps of 16 x 128 tokens of Shakespeare: 2-4 minutes per run on 2
 cores), large (the seed-claims large model for 5000 steps, for one GPU or TPU host).
 """
 
@@ -59,12 +59,12 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
         c.data.seq_len = 128
         c.data.batch_size = 16
         c.optim.lr = 2e-3
-        c.optim.warmup_steps = 40
-        c.train.num_steps = 400
+        c.optim.warmup_steps = 80
+        c.train.num_steps = 800
         c.train.log_every = 20
-        c.train.eval_every = 100
-        c.checkpoint.every = 200
-        c.probes.every = 25
+        c.train.eval_every = 200
+        c.checkpoint.every = 400
+        c.probes.every = 50
     if scale == "large":
         c.model.update(seed_claims.LARGE_MODEL)
         c.data.batch_size = 64

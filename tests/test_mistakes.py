@@ -43,6 +43,11 @@ CASES = [
         "probes.sites pattern 'atn/*'",
     ),
     ("run.py", [TINY, "--workdir={fresh}", "--config.data.source=text"], "data.source=text needs data.path"),
+    (
+        "run.py",
+        [TINY, "--workdir={fresh}", "--config.data.source=text", "--config.data.path=/nonexistent/c.txt"],
+        "data.path=/nonexistent/c.txt",
+    ),
     ("run.py", [TINY, "--workdir={fresh}", "--config.optim.lr=0"], "optim.lr=0"),
     ("run.py", [TINY, "--workdir={run}", "--config.model.num_layers=3"], "cannot resume {run}"),
     ("run.py", [TINY, "--workdir={fresh}", "--config.probes.rows=0"], "probes.rows=0 must be"),

@@ -72,7 +72,12 @@ def write_analysis(cfg: ml_collections.ConfigDict, workdir: str) -> None:
 
     a = cfg.analysis
     page = write_report(
-        workdir, a.kinds, criterion=a.criterion, workers=a.workers, progress=sys.stderr.isatty()
+        workdir,
+        a.kinds,
+        criterion=a.criterion,
+        workers=a.workers,
+        progress=sys.stderr.isatty(),
+        reference=a.reference,
     )
     print(f"report: {page} (open it in a browser)")
 

@@ -115,6 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
         "grads/mlp/up/kernel", "mlp/up/R", "attn/scores/R",
     )  # fmt: skip
     a.criterion = "bic"  # aic | bic: how the best-fitting family is chosen in the heatmaps
+    a.reference = "none"  # none | pythia: also draw the run's weight tails over Pythia's training
     a.workers = 2  # threads that fit distributions, and processes that draw the figures
 
     c.mesh = s = ml_collections.ConfigDict()

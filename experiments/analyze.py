@@ -21,6 +21,7 @@ flags.DEFINE_list("sites", None, "Only these sites (fnmatch patterns, with or wi
 flags.DEFINE_list("steps", None, "Only these capture steps.")
 flags.DEFINE_list("kinds", None, "Sites (without the layer) to draw; default: the run's analysis.kinds.")
 flags.DEFINE_enum("criterion", None, ["aic", "bic"], "Best-family criterion; default: the run's.")
+flags.DEFINE_enum("reference", None, ["none", "pythia"], "Compare with Pythia's weights; default: the run's.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -45,6 +46,7 @@ def main(argv: list[str]) -> None:
             workers=saved.get("workers", defaults.workers),
             progress=sys.stderr.isatty(),
             require_kinds=bool(flags.FLAGS.kinds),
+            reference=flags.FLAGS.reference or saved.get("reference", defaults.reference),
         )
     except (CapturesError, ValueError) as e:
         fail(str(e))

@@ -3,7 +3,7 @@
 Trains configs/seed_claims.py at the chosen scale (resuming an interrupted run; a finished run is not
 trained again), fits Gaussian and logistic distributions to the weight and residual-stream samples,
 measures claims (a)-(d) with the checks of tdyn_jax/analysis/claims.py, and writes OUT/seed_claims.md
-with its figures and every check's number in OUT/seed_claims/.
+with its figures, every check's number and the weight matrices' tail ratios in OUT/seed_claims/.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ def main(argv: list[str]) -> None:
         ]
     )
     write_atomic(figures / "checks.csv", checks.to_csv(index=False))
+    tails = claims.weight_tails(captures, cfg.train.num_steps)  # for experiments/pythia_reference.py
+    write_atomic(figures / "weight_tails.csv", tails.to_csv(index=False))
     metrics = read_metrics(workdir)
     done = time.perf_counter()
     m, last = cfg.model, metrics.iloc[-1]

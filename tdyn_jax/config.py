@@ -27,6 +27,7 @@ CHOICES = {
     "mesh.distributed": ("auto", "on", "off"),
     "train.nonfinite": ("stop", "skip", "ignore"),
     "analysis.criterion": ("aic", "bic"),
+    "analysis.reference": ("none", "pythia"),
 }
 POSITIVE_INTS = (
     "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.d_ff",

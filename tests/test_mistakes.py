@@ -96,6 +96,8 @@ CASES = [
     ("experiments/outlier_levers.py", ["--scale=tiny", "--lrs=abc"], "--lrs and --eps take numbers"),
     ("experiments/outlier_levers.py", ["--scale=tiny", "--norms=weird"], "--norms: unknown weird"),
     ("experiments/outlier_levers.py", ["--scale=bogus"], "flag --scale=bogus"),
+    ("experiments/pythia_reference.py", ["--workdir={fresh}"], "{fresh} is not a run directory"),
+    ("experiments/pythia_reference.py", ["--tails={fresh}"], "--tails={fresh} does not exist"),
     ("experiments/lowprec_training.py", ["--scale=tiny", "--runs=fp9"], "--runs: unknown fp9"),
     ("experiments/lowprec_training.py", ["--scale=tiny", "--runs=mxfp4"], "--runs must include float32"),
     (

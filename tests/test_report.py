@@ -91,12 +91,21 @@ def test_analyze_command_filters_sites_and_steps(tiny_run, tmp_path):
     source, _ = tiny_run
     w = tmp_path / "run"
     shutil.copytree(source, w, ignore=shutil.ignore_patterns("analysis"))
-    done = _analyze(f"--workdir={w}", "--sites=resid/out", "--steps=0,15", "--kinds=resid/out")
+    sites = "--sites=resid/out,params/*/attn/q/kernel"
+    done = _analyze(f"--workdir={w}", sites, "--steps=0,15", "--kinds=resid/out", "--reference=pythia")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == f"report: {w / 'analysis' / 'report.html'}"
     fits = pd.read_csv(w / "analysis" / "fits.csv")
     assert sorted(fits.step.unique()) == [0, 15]
-    assert sorted(fits.site.unique()) == ["layer_00/resid/out", "layer_01/resid/out"]
+    assert sorted(fits.site.unique()) == [
+        "layer_00/resid/out", "layer_01/resid/out", "params/layer_00/attn/q/kernel",
+        "params/layer_01/attn/q/kernel",
+    ]  # fmt: skip
+    page = (w / "analysis" / "report.html").read_text()
+    figure = re.search(r'<h2>Pythia reference</h2>\n<figure><img src="([^"]+)"', page)
+    assert figure, "analysis.reference=pythia draws the run's weight tails over Pythia's"
+    with Image.open(w / "analysis" / figure.group(1)) as image:
+        assert min(image.size) > 100
     # its refusals (steps, sites and kinds that match nothing, no run directory) are in test_mistakes.py
 
 

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tdyn_jax.analysis import levers
+from tdyn_jax.analysis import claims, levers
+from tdyn_jax.analysis.load import load
 from tdyn_jax.analysis.verdicts import Check, verdict
 from tests.conftest import ENV, ROOT
 
@@ -58,6 +59,42 @@ def test_seed_claims_tiny(tiny_run, tmp_path):
         assert f"(seed_claims/{figure})" in page
         assert_image(out / "seed_claims" / figure)
     assert "Training: " in page and "min of train steps" in page
+    tails = pd.read_csv(out / "seed_claims" / "weight_tails.csv")
+    table = load(tmp_path / "run").table
+    assert len(tails) > 0 and (tails.progress == tails.step / 20).all()
+    for row in tails.itertuples():  # max abs(x - mean) / std of the stored moments, n their count
+        stat = table[(table.site == row.site) & (table.step == row.step)].set_index("stat").value
+        spread = max(stat["max"] - stat["mean"], stat["mean"] - stat["min"])
+        assert row.tail_ratio == pytest.approx(spread / stat["std"], rel=1e-9) and row.n == stat["count"]
+
+
+def test_pythia_reference_against_the_tiny_run(tiny_run, tmp_path):
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "experiments/pythia_reference.py", f"--workdir={tiny_run[0]}", f"--out={out}"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    checks = pd.read_csv(out / "pythia_reference" / "checks.csv")
+    names = ["pythia-70m", "pythia-160m", "pythia-410m", "pythia-1b", "pythia-1.4b", "run"]
+    assert list(checks.claim.unique()) == names
+    page = (out / "pythia_reference.md").read_text()
+    for key, rows in checks.groupby("claim"):
+        recomputed = verdict([Check(r.measure, r.value, r.sense, r.threshold) for r in rows.itertuples()])
+        assert (rows.verdict == recomputed).all() and f"({key}) {recomputed}:" in done.stdout
+    # the run's row: its weight matrices' last tail ratio against the Gaussian reference of their size
+    tails = claims.weight_tails(load(tiny_run[0]), 20)
+    last = tails[tails.step == tails.step.max()]
+    above = (last.tail_ratio > last.n.map(claims.gaussian_max)).mean()
+    scaling = pd.read_csv(out / "pythia_reference" / "scaling.csv").set_index("model")
+    run = scaling.loc["this project: tiny"]
+    assert run.matrices == tails.site.nunique() and run.share_above == pytest.approx(above)
+    assert run.last_ratio == pytest.approx(last.tail_ratio.median())
+    assert scaling.loc["19m", "matrices"] == 24 and scaling.loc["1.3b", "matrices"] == 96
+    assert "| pythia-70m | 512 | 6 | 24 |" in page
+    for figure in ("tails.png", "scaling.png"):
+        assert f"(pythia_reference/{figure})" in page
+        assert_image(out / "pythia_reference" / figure)
 
 
 def test_outlier_levers_tiny(tmp_path):

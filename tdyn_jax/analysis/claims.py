@@ -82,6 +82,17 @@ def tail_ratio(captures: Captures, sites: list[str]) -> pd.DataFrame:
     return spread / grid["std"]
 
 
+def weight_tails(captures: Captures, num_steps: int) -> pd.DataFrame:
+    """The tail ratio of every weight matrix at every capture, tidy: site, n (its elements), step,
+    progress (step / num_steps), tail_ratio (max abs(x - mean) / std)."""
+    sites = weight_sites(captures)
+    ratio = tail_ratio(captures, sites)
+    tidy = ratio.stack().rename("tail_ratio").reset_index()
+    tidy.insert(1, "n", tidy.site.map(_sizes(captures, sites)).astype(np.int64))
+    tidy.insert(3, "progress", tidy.step / num_steps)
+    return tidy
+
+
 def sites_where(captures: Captures, test) -> list[str]:
     """The captured site names for which `test(name)` is true, sorted."""
     return sorted(s for s in captures.table.site.unique() if test(s))

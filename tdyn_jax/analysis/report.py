@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import multiprocessing
 import os
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from tdyn_jax.analysis import animate, findings, plots
+from tdyn_jax.analysis import animate, claims, findings, plots, pythia, study_plots
 from tdyn_jax.analysis.fit import fit_captures, fit_histograms
 from tdyn_jax.analysis.load import Captures, load
 from tdyn_jax.analysis.views import kind_sites, kinds, restrict, select_kinds, site_series
@@ -52,13 +53,15 @@ def write_report(
     workers: int = 2,
     progress: bool = True,
     require_kinds: bool = False,
+    reference: str = "none",
 ) -> Path:
     """Writes WORKDIR/analysis/{fits.csv, *.png, *.gif, report.html} and returns the page's path.
 
     `sites` (fnmatch patterns over site names, with or without the layer) and `steps` restrict what is
     analysed; `kind_patterns` choose the kinds that get histogram, QQ, heatmap and animation figures.
     Everything is written into WORKDIR/analysis.tmp, which then replaces WORKDIR/analysis: a report
-    cut short leaves the previous one (or none) in place, never half of one. Raises CapturesError or
+    cut short leaves the previous one (or none) in place, never half of one. `reference` "pythia" adds
+    the run's weight tails drawn over Pythia's (claim (a); see `analysis.pythia`). Raises CapturesError or
     ValueError (nothing written) when there is nothing to analyse, or with `require_kinds` when a
     kind pattern matches no captured kind.
     """
@@ -81,13 +84,15 @@ def write_report(
     write_atomic(out / "fits_histogram.csv", binned)
     matmuls = [k.removesuffix("/E") for k in kinds(captures, "log2_range") if k.endswith("/E")]
     metrics = read_metrics(workdir)
-    data = _Data(captures, fits, metrics, matmuls, criterion)
+    config = (workdir / "config.json").read_text() if (workdir / "config.json").exists() else "{}"
+    num_steps = json.loads(config).get("train", {}).get("num_steps", 0)
+    data = _Data(captures, fits, metrics, matmuls, criterion, num_steps, reference)
     jobs = _figure_jobs(data, chosen)
     drawn: list[tuple[str, str, str]] = []
     bar = tqdm(total=len(jobs), desc="figures", disable=not progress, unit="fig")
     if workers > 1 and len(jobs) > 1:
         # each process loads the same captures (the same steps, even if the run has moved on)
-        setup = (workdir, out, sites, captures.steps.tolist(), criterion, matmuls)
+        setup = (workdir, out, sites, captures.steps.tolist(), criterion, matmuls, num_steps, reference)
         context = multiprocessing.get_context("spawn")  # no fork of a process that ran JAX threads
         with ProcessPoolExecutor(min(workers, len(jobs)), context, _start_worker, setup) as pool:
             for job, name in zip(jobs, pool.map(_draw, jobs, [out] * len(jobs)), strict=True):
@@ -100,7 +105,6 @@ def write_report(
             bar.update()
     bar.close()
     found = _findings(captures, fits, chosen, matmuls, criterion)
-    config = (workdir / "config.json").read_text() if (workdir / "config.json").exists() else "{}"
     write_atomic(out / "report.html", _html(workdir, captures, metrics, config, found, drawn))
     old = workdir / "analysis.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -120,6 +124,8 @@ class _Data:
     metrics: pd.DataFrame
     matmuls: list[str]
     criterion: str
+    num_steps: int  # the run's train.num_steps (training progress = step / num_steps)
+    reference: str  # none | pythia
 
 
 _WORKER: _Data | None = None  # the data of this process's figures
@@ -135,6 +141,9 @@ DRAW: dict[str, Callable[[_Data, str, Path], Path]] = {
     "outlier_channels": lambda d, kind, p: plots.outlier_channels(d.captures, kind, p),
     "kind_gif": lambda d, kind, p: animate.kind_gif(d.captures, d.fits, kind, p),
     "site_gif": lambda d, site, p: animate.histograms_gif(d.captures, d.fits, [site], p, site),
+    "pythia": lambda d, _, p: study_plots.pythia_tails_figure(
+        pythia.with_pythia("this run", pythia.run_tails(claims.weight_tails(d.captures, d.num_steps))), p
+    ),
 }
 
 
@@ -149,6 +158,9 @@ def _figure_jobs(data: _Data, chosen: list[str]) -> list[tuple[str, str, str, st
         jobs.append(("Energy and correlation", "E and R of every matmul", "energy", ""))
     if any(s.endswith("/lowprec") for s in captures.table.site.unique()):
         jobs.append(("Low precision", "low-precision error of C", "lowprec", ""))
+    if data.reference == "pythia" and data.num_steps and claims.weight_sites(captures):
+        caption = "weight tails (max / std over a Gaussian's) over training, against Pythia 70M-1.4B"
+        jobs.append(("Pythia reference", caption, "pythia", ""))
     for kind in chosen:
         site = heaviest[kind]
         jobs += [("Histograms", kind, "histograms", kind), ("QQ plots", site, "qq", site)]
@@ -167,13 +179,13 @@ def _use(data: _Data) -> None:
     _WORKER = data
 
 
-def _start_worker(
-    workdir: Path, out: Path, sites: list[str] | None, steps: list[int], criterion: str, matmuls: list[str]
-) -> None:
-    """Loads a figure process's data: the parent's captures (same steps) and its fits.csv in `out`."""
+def _start_worker(workdir: Path, out: Path, sites: list[str] | None, steps: list[int], *settings) -> None:
+    """Loads a figure process's data: the parent's captures (same steps) and its fits.csv in `out`;
+    `settings` are the other fields of `_Data` (criterion, matmuls, num_steps, reference)."""
     captures = restrict(load(workdir, quiet=True), sites, steps)
     fits = pd.read_csv(out / "fits.csv")
-    _use(_Data(captures, fits, read_metrics(workdir), matmuls, criterion))
+    criterion, matmuls, num_steps, reference = settings
+    _use(_Data(captures, fits, read_metrics(workdir), matmuls, criterion, num_steps, reference))
 
 
 def _draw(job: tuple[str, str, str, str], out: Path) -> str:

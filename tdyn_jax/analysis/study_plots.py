@@ -1,16 +1,19 @@
-"""Figures of the seed-claims study, the outlier-lever sweep and low-precision training (PNG, Agg)."""
+"""Figures of the study scripts: seed claims, outlier levers, low-precision training and the Pythia
+reference (PNG, matplotlib Agg)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from tdyn_jax.analysis import claims as claims_lib
 from tdyn_jax.analysis.load import Captures
 from tdyn_jax.analysis.plots import save
 from tdyn_jax.analysis.verdicts import Claim
+from tdyn_jax.reference import PYTHIA_SIZES
 
 
 def _early(ax: plt.Axes, num_steps: int) -> None:
@@ -135,5 +138,62 @@ def lowprec_training_figure(
     left.set_yscale("symlog", linthresh=0.01)
     left.legend(fontsize=6, ncol=2)
     right.set(xlabel="step", ylabel="largest RMS kurtosis of resid/out over layers", yscale="log")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def pythia_tails_figure(tails: dict[str, pd.DataFrame], path: Path) -> Path:
+    """Median over each model's weight matrices of max/std divided by the Gaussian 99% reference of the
+    matrix's size (1: as far out as a Gaussian gets), with the interquartile band, against training
+    progress: the whole run (left) and its first quarter (right). Pythia sizes in colour, project runs
+    in black; `tails` maps a label to a tail table (`analysis.pythia`)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    pythia_labels = [label for label in tails if label in PYTHIA_SIZES]
+    for label, frame in tails.items():
+        scaled = frame.tail_ratio / frame.n.map(claims_lib.gaussian_max)
+        grouped = scaled.groupby(frame.progress.to_numpy())
+        low, mid, high = grouped.quantile(0.25), grouped.median(), grouped.quantile(0.75)
+        if label in PYTHIA_SIZES:
+            color = plt.cm.viridis(pythia_labels.index(label) / max(len(pythia_labels) - 1, 1))
+            name, width = PYTHIA_SIZES[label][0], 1.2
+        else:
+            color, name, width = "black", label, 2.0
+        for ax in axes:
+            ax.plot(mid.index, mid.to_numpy(), color=color, lw=width, label=name)
+            ax.fill_between(mid.index, low.to_numpy(), high.to_numpy(), color=color, alpha=0.15)
+    for ax in axes:
+        ax.axhline(1.0, color="tab:red", ls="--", lw=1, label="Gaussian 99% quantile")
+        ax.set(xlabel="training progress (fraction of the run)")
+    axes[0].set(ylabel="max / std over the Gaussian reference", title="whole run")
+    axes[1].set(xlim=(0, 0.25), title="first quarter")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def pythia_scaling_figure(table: pd.DataFrame, path: Path) -> Path:
+    """The tail measures of each model of `table` (`analysis.pythia.scaling_table`), in its order, the
+    Pythia sizes joined by lines: the share of matrices above the Gaussian reference at the end, the
+    median shares of the change made early and within a short window (left), and the median first and
+    final max/std over the reference (right)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    x = np.arange(len(table))
+    line = table.name.str.startswith("pythia-").to_numpy()
+    series = [
+        (left, table.share_above, "share above the Gaussian reference at the end", "tab:blue"),
+        (left, table.early_share, "median share of the change by 25% of training", "tab:orange"),
+        (left, table.sharp_share, "median share of the change within 5% of training", "tab:green"),
+        (right, table.last_ratio / table.reference, "end", "black"),
+        (right, table.first_ratio / table.reference, "first point", "gray"),
+    ]
+    for ax, values, text, color in series:
+        ax.plot(x[line], values.to_numpy()[line], "o-", color=color, label=text)
+        ax.plot(x[~line], values.to_numpy()[~line], "D", color=color)
+    left.set(ylim=(-0.05, 1.05), ylabel="share")
+    right.axhline(1.0, color="tab:red", ls="--", lw=1)
+    right.set(ylabel="median max / std over the Gaussian reference")
+    for ax in (left, right):
+        ax.set_xticks(x, table.name.tolist(), rotation=20, fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return save(fig, path)

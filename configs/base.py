@@ -69,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.eval_every = 200  # steps between validation evaluations (and after the last step)
     t.eval_batches = 8  # batches of the validation split per evaluation
     t.progress_bar = True  # tqdm bar with ETA when stderr is a terminal
-    t.tensorboard = False  # also write TensorBoard event files to WORKDIR/tb (needs the [tb] extra)
+    t.tensorboard = False  # TensorBoard events: metrics in WORKDIR/tb, captures in tb/probes ([tb] extra)
     # a non-finite loss or gradient norm: stop (save the captures, keep the newest finite checkpoint,
     # exit 3) | skip (leave the state unchanged for that step; stop after max_skipped in a row) | ignore
     t.nonfinite = "stop"

@@ -32,6 +32,7 @@ from tdyn_jax.guard import NonFiniteGuard, NonFiniteStop
 from tdyn_jax.metrics import MetricsWriter
 from tdyn_jax.model import Transformer
 from tdyn_jax.optim import optimizer, schedule
+from tdyn_jax.probe_board import ProbeBoard
 from tdyn_jax.probe_store import ProbeStore
 from tdyn_jax.probes import capture
 from tdyn_jax.probes.naming import layer_free
@@ -430,6 +431,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
     store = ProbeStore(workdir, program.probe_index) if program.probe_step else None
     if store:
         store.discard_after(start)
+    board = None
+    if store and cfg.train.tensorboard and jax.process_index() == 0:
+        board = ProbeBoard(workdir, program.probe_index, (cfg.probes.exp_min, cfg.probes.exp_max), start)
+
+    def save_captures(chunk: int, taken: list[tuple[int, Any]]) -> None:
+        """The captures `taken` as probe chunk `chunk` (and in TensorBoard)."""
+        fetched = jax.device_get(taken)
+        store.save(chunk, fetched)
+        if board:
+            board.write(fetched)
+
     captures: list[tuple[int, Any]] = []  # taken since the last checkpoint, still on the devices
     val_batches = [sharding.global_batch(val.batch(i), mesh) for i in range(cfg.train.eval_batches)]
 
@@ -442,7 +454,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
         writer.write(done, interval.close())
         kept = [(s, c) for s, c in captures if s < bad]
         if kept:
-            store.save(bad, jax.device_get(kept))
+            save_captures(bad, kept)
         latest = ckpt.latest_step()
         resume = (
             f"rerun with --config.train.nonfinite=skip to resume from checkpoint {latest} "
@@ -490,7 +502,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
                 last.update(row, step=done)
             if save_now:
                 if captures:  # the chunk is on disk before the checkpoint that covers it starts
-                    store.save(done, jax.device_get(captures))
+                    save_captures(done, captures)
                     captures = []
                 ckpt.save(done, state, batches.state, config, {"interval": interval.carry()})
             if stopping:
@@ -504,4 +516,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
         writer.close()
         if store:
             store.close()
+        if board:
+            board.close()
     return last

@@ -60,7 +60,8 @@ def run_tiny(workdir, *overrides):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """(workdir, finished process) of the main job on configs/tiny.py: 20 steps, captures every 5 steps
-    and at step 2, full tensors of two sites dumped at step 2, and the report written at the end."""
+    and at step 2, full tensors of two sites dumped at step 2, TensorBoard events, and the report
+    written at the end."""
     workdir = tmp_path_factory.mktemp("tiny") / "run"
     done = run_tiny(
         workdir,
@@ -68,6 +69,7 @@ def tiny_run(tmp_path_factory):
         f"--config.probes.dump_steps=({DUMP_STEP},)",
         f"--config.probes.dump_sites={DUMP_SITES!r}",
         "--config.analysis.report=True",
+        "--config.train.tensorboard=True",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return workdir, done

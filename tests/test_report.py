@@ -87,6 +87,52 @@ def _analyze(*args):
     )
 
 
+def test_the_report_first_states_what_happened(tiny_run):
+    """The summary at the top states the run's own numbers, each recomputed here from metrics.jsonl,
+    the captures and fits.csv."""
+    workdir, _ = tiny_run
+    text = (workdir / "analysis" / "report.html").read_text()
+    table = re.search(r'<h2>What happened</h2><table class="happened">(.*?)</table>', text).group(1)
+    said = dict(re.findall(r"<tr><th>(.*?)</th><td>(.*?)</td></tr>", table))
+    assert text.index("What happened") < text.index("<h2>Findings</h2>")
+    metrics = pd.read_json(workdir / "metrics.jsonl", lines=True)
+    first, last = metrics.iloc[0], metrics.iloc[-1]
+    assert said["loss"].startswith(f"{first.loss:.4f} at step 5 -&gt; {last.loss:.4f} at step 20;")
+    assert said["loss"].endswith(f"validation {metrics.val_loss.dropna().iloc[-1]:.4f} at step 20")
+    t = load(workdir).table
+    kurt = t[(t.stat == "kurtosis") & ~t.site.str.startswith(("params/", "grads/", "updates/", "nu/"))]
+    kurt = kurt[~kurt.site.str.rsplit("/", n=1).str[-1].isin(["a_norm", "w_norm", "E", "R", "lowprec"])]
+    top = kurt.loc[kurt.value.idxmax()]
+    assert said["heaviest tails (excess kurtosis)"].startswith(
+        f"{top.site}: {top.value:.3g} at step {top.step}"
+    )
+    last_step = t.step.max()
+    gemm = t[(t.step == last_step) & t.stat.str.match(r"gemm/.*/rel_err")].groupby("stat").value.median()
+    best = gemm.idxmin().removeprefix("gemm/").removesuffix("/rel_err")
+    assert said["low precision, computing C"].startswith(
+        f"best {best} (median relative error of C {gemm.min():.3g})"
+    )
+    fits = pd.read_csv(workdir / "analysis" / "fits.csv")
+    resid = fits[fits.site.str.endswith("/resid/out")].pivot_table(
+        index=["site", "step"], columns="family", values="aic"
+    )
+    wins = (resid.logistic < resid.gaussian).groupby(level="site").apply(list)
+    onsets = {}
+    for site, flags in wins.items():  # the first step from which the logistic wins at every later capture
+        steps = sorted(fits[fits.site == site].step.unique())
+        if flags[-1]:
+            onsets[site] = next(steps[i] for i in range(len(flags)) if all(flags[i:]))
+    if onsets:
+        assert said["resid/out turns logistic"].startswith(f"from step {min(onsets.values())} (first layer)")
+    else:
+        assert said["resid/out turns logistic"].startswith("Gaussian as good as logistic")
+    assert said["non-finite"] == "none"
+    assert text.count("<details open><summary>") >= 3  # findings grouped by topic, each collapsible
+    assert "<details><summary>low precision (" in text  # a long topic starts collapsed
+    for name in re.findall(r'<img src="([^"]+)"', text):
+        assert f'<a href="{name}"><img src="{name}"' in text  # each figure opens full size
+
+
 def test_analyze_command_filters_sites_and_steps(tiny_run, tmp_path):
     source, _ = tiny_run
     w = tmp_path / "run"

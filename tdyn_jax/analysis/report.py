@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from tdyn_jax.analysis import animate, claims, findings, plots, pythia, study_plots
+from tdyn_jax.analysis import animate, claims, findings, plots, pythia, study_plots, summary
 from tdyn_jax.analysis.fit import fit_captures, fit_histograms
 from tdyn_jax.analysis.load import Captures, load
 from tdyn_jax.analysis.views import kind_sites, kinds, restrict, select_kinds, site_series
@@ -105,7 +105,8 @@ def write_report(
             bar.update()
     bar.close()
     found = _findings(captures, fits, chosen, matmuls, criterion)
-    write_atomic(out / "report.html", _html(workdir, captures, metrics, config, found, drawn))
+    happened = summary.summary(captures, fits, metrics)
+    write_atomic(out / "report.html", _html(workdir, captures, metrics, config, happened, found, drawn))
     old = workdir / "analysis.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -220,12 +221,15 @@ def _findings(
     return [f for f in found if f is not None]
 
 
+OPEN_TOPIC = 6  # a findings topic with more lines than this starts collapsed
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1400px; margin: 2em auto; padding: 0 1em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; margin-top: 2em; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: left; }
 figure { display: inline-block; margin: 0.5em; vertical-align: top; }
 figure img { max-width: 100%; border: 1px solid #eee; } figcaption { font-size: 0.85em; color: #555; }
+details { margin: 0.4em 0; } summary { cursor: pointer; font-weight: 600; }
+table.happened th { width: 16em; } .facts { font-size: 0.85em; color: #555; }
 pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.8em; }
 """
 
@@ -235,6 +239,7 @@ def _html(
     captures: Captures,
     metrics: pd.DataFrame,
     config: str,
+    happened: list[tuple[str, str]],
     found: list[findings.Finding],
     drawn: list[tuple[str, str, str]],
 ) -> str:
@@ -250,15 +255,24 @@ def _html(
     if captures.missing:  # chunks of the probe store that did not read
         gaps = ", ".join(f"steps {first} to {last_step}" for first, last_step in captures.missing)
         summary.append(("captures missing (unreadable chunks)", gaps))
+    rows = lambda pairs: "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in pairs)
+    topics: dict[str, list[str]] = {}
+    for f in found:
+        topics.setdefault(f.topic, []).append(f.text)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>Training dynamics of {e(workdir.name)}</title><style>{STYLE}</style></head><body>",
         f"<h1>Training dynamics of {e(workdir.name)}</h1>",
-        "<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in summary) + "</table>",
-        "<h2>Findings</h2><table><tr><th>topic</th><th>finding</th></tr>",
-        *(f"<tr><td>{e(f.topic)}</td><td>{e(f.text)}</td></tr>" for f in found),
-        "</table>",
+        f'<h2>What happened</h2><table class="happened">{rows(happened)}</table>',
+        f'<table class="facts">{rows(summary)}</table>',
+        "<h2>Findings</h2>",
+        *(
+            f"<details{' open' * (len(texts) <= OPEN_TOPIC)}><summary>{e(topic)} ({len(texts)})</summary><ul>"
+            + "".join(f"<li>{e(t)}</li>" for t in texts)
+            + "</ul></details>"
+            for topic, texts in topics.items()
+        ),
         "<p>Fits: maximum likelihood on the sampled values of each site and step (fits.csv), and binned"
         " maximum likelihood on the linear histogram of every element (fits_histogram.csv); best family"
         " by the criterion named in each heatmap.</p>",
@@ -269,7 +283,8 @@ def _html(
             parts.append(f"<h2>{e(name)}</h2>")
             section = name
         parts.append(
-            f'<figure><img src="{e(file)}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption></figure>'
+            f'<figure><a href="{e(file)}"><img src="{e(file)}" alt="{e(caption)}"></a>'
+            f"<figcaption>{e(caption)} (click: full size)</figcaption></figure>"
         )
     parts += [
         "<h2>Configuration</h2>",

@@ -9,7 +9,7 @@ cores), large (the seed-claims large model for 5000 steps, for one GPU or TPU ho
 
 import ml_collections
 
-from configs import base, seed_claims, tiny
+from configs import base, outlier_levers, seed_claims, tiny
 
 SCALES = ("tiny", "cpu", "large")
 # name -> (compute dtype, forward format, gradient format of the backward products; see base.py)
@@ -74,9 +74,4 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
         c.checkpoint.every = 500
         c.probes.every = 100
     c.name = f"lowprec_training_{scale}"
-    c.probes.sites = ("resid/out",)
-    c.probes.stats = ("outliers",)
-    c.probes.grads = False
-    c.probes.params = False
-    c.analysis.report = False
-    return c
+    return outlier_levers.residual_outliers_only(c)

@@ -61,6 +61,11 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
         c.checkpoint.every = 500
         c.probes.every = 100
     c.name = f"outlier_levers_{scale}"
+    return residual_outliers_only(c)
+
+
+def residual_outliers_only(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`c` capturing only the residual stream's moments and outlier metrics, without a report."""
     c.probes.sites = ("resid/out",)
     c.probes.stats = ("outliers",)
     c.probes.grads = False

@@ -84,11 +84,6 @@ def main(argv: list[str]) -> None:
         losses, kurtosis, lpt.REFERENCE, out / "lowprec_training" / "losses.png"
     )
     write_atomic(out / "lowprec_training" / "runs.csv", table.to_csv(index=False))
-    shown = table.rename(columns=COLUMNS)
-    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
-    for _, row in shown.iterrows():
-        cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
     done = time.perf_counter()
     b = base
     page = f"""# Training in simulated low precision, measured
@@ -115,7 +110,7 @@ quantised operands).
   than {lpt.DIVERGED_GAP:g} nat. Peak RMS kurtosis and peak max/median (massive activations) are over
   the residual stream's layers and captures (every {b.probes.every} steps).
 
-{chr(10).join(lines)}
+{study.markdown_table(table.rename(columns=COLUMNS))}
 
 ## The E/R-split GEMM
 

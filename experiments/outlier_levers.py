@@ -82,12 +82,7 @@ def main(argv: list[str]) -> None:
     out = Path(flags.FLAGS.out)
     figure = study_plots.levers_figure(series, out / "outlier_levers" / "kurtosis.png")
     write_atomic(out / "outlier_levers" / "runs.csv", table.to_csv(index=False))
-    shown = table.rename(columns=COLUMNS)
-    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
-    for _, row in shown.iterrows():
-        cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    runs_table = "\n".join(lines)
+    runs_table = study.markdown_table(table.rename(columns=COLUMNS))
     values = {k: ", ".join(f"{v:g}" for v in vs) for k, vs in (("lr", lrs), ("eps", epss))}
     done = time.perf_counter()
     b = base

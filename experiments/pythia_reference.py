@@ -77,15 +77,7 @@ def main(argv: list[str]) -> None:
     per_matrix = pd.concat([m.assign(model=label) for label, m in measures.items()], ignore_index=True)
     write_atomic(figures / "matrices.csv", per_matrix.to_csv(index=False))
     write_atomic(figures / "scaling.csv", table.to_csv(index=False))
-    checks = pd.DataFrame(
-        [
-            {"claim": c.key, "verdict": c.verdict, "measure": k.measure, "value": k.value, "sense": k.sense}
-            | {"threshold": k.threshold, "holds": k.holds, "detail": k.detail}
-            for c in found
-            for k in c.checks
-        ]
-    )
-    write_atomic(figures / "checks.csv", checks.to_csv(index=False))
+    write_atomic(figures / "checks.csv", study.checks_table(found).to_csv(index=False))
     lines = [
         "| model | d_model | layers | matrices | share above | median max/std first -> last | Gaussian ref |"
         " largest change at | share by 25% | share within 5% |",

@@ -23,7 +23,6 @@ flags.DEFINE_integer("workers", 2, "Threads that fit the distributions.", lower_
 
 
 def main(argv: list[str]) -> None:
-    import pandas as pd
 
     from tdyn_jax.analysis import claims, plots, study, study_plots, verdicts
     from tdyn_jax.analysis.fit import fit_captures
@@ -47,15 +46,7 @@ def main(argv: list[str]) -> None:
     figures = out / "seed_claims"
     study_plots.claims_figure(captures, fits, cfg.train.num_steps, found, figures / "claims.png")
     plots.histograms(captures, fits, claims.RESIDUAL, figures / "resid_out_histograms.png")
-    checks = pd.DataFrame(
-        [
-            {"claim": c.key, "verdict": c.verdict, "measure": k.measure, "value": k.value, "sense": k.sense}
-            | {"threshold": k.threshold, "holds": k.holds, "detail": k.detail}
-            for c in found
-            for k in c.checks
-        ]
-    )
-    write_atomic(figures / "checks.csv", checks.to_csv(index=False))
+    write_atomic(figures / "checks.csv", study.checks_table(found).to_csv(index=False))
     tails = claims.weight_tails(captures, cfg.train.num_steps)  # for experiments/pythia_reference.py
     write_atomic(figures / "weight_tails.csv", tails.to_csv(index=False))
     metrics = read_metrics(workdir)

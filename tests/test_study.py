@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tdyn_jax.analysis import claims, levers
+from tdyn_jax.analysis import claims, levers, pythia
+from tdyn_jax.analysis import lowprec_training as lpt
 from tdyn_jax.analysis.load import load
 from tdyn_jax.analysis.verdicts import Check, verdict
 from tests.conftest import ENV, ROOT
@@ -152,7 +153,17 @@ def test_outlier_levers_bad_grid(tmp_path, args, message):
 
 def claim_rows(page: str) -> list[str]:
     """The rows of a results page's claims table (those that end in a bold verdict)."""
-    return [line for line in page.splitlines() if re.match(r"\| \(\w+\) .*\| \*\*[a-z ]+\*\* \|$", line)]
+    return [line for line in page.splitlines() if re.match(r"\| \([\w.-]+\) .*\| \*\*[a-z ]+\*\* \|$", line)]
+
+
+def test_committed_pythia_numbers_are_reproduced_from_the_vendored_data():
+    """results/pythia_reference/scaling.csv, recomputed from tdyn_jax/reference and the committed
+    seed-claims run's weight tails by the rules of tdyn_jax/analysis/pythia.py."""
+    committed = pd.read_csv(ROOT / "results" / "pythia_reference" / "scaling.csv")
+    run = pythia.run_tails(pd.read_csv(ROOT / "results" / "seed_claims" / "weight_tails.csv"))
+    tails = pythia.with_pythia(committed.model.iloc[-1], run)
+    again = pythia.scaling_table({label: pythia.tail_measures(frame) for label, frame in tails.items()})
+    pd.testing.assert_frame_equal(again, committed, check_dtype=False)
 
 
 def test_committed_results_trace_to_their_numbers_and_match_the_readme():
@@ -170,7 +181,19 @@ def test_committed_results_trace_to_their_numbers_and_match_the_readme():
             row.startswith(f"| ({claim.key}) ") and f"**{claim.verdict}**" in row
             for row in claim_rows(lever_page)
         )
-    for row in claim_rows(seed) + claim_rows(lever_page):
+    lowprec_page = (ROOT / "results" / "lowprec_training.md").read_text()
+    runs = pd.read_csv(ROOT / "results" / "lowprec_training" / "runs.csv")
+    er = lpt.er_claim(runs)
+    assert any(f"**{er.verdict}**" in row for row in claim_rows(lowprec_page) if row.startswith("| (er) "))
+    pythia_page = (ROOT / "results" / "pythia_reference.md").read_text()
+    pythia_checks = pd.read_csv(ROOT / "results" / "pythia_reference" / "checks.csv")
+    for key, rows in pythia_checks.groupby("claim"):
+        recomputed = verdict([Check(r.measure, r.value, r.sense, r.threshold) for r in rows.itertuples()])
+        assert (rows.verdict == recomputed).all()
+        assert any(
+            row.startswith(f"| ({key}) ") and f"**{recomputed}**" in row for row in claim_rows(pythia_page)
+        )
+    for row in claim_rows(seed) + claim_rows(lever_page) + claim_rows(lowprec_page) + claim_rows(pythia_page):
         assert row in readme, row
     for image in re.findall(r"\]\((results/[^)]+\.png)\)", readme):
         assert_image(ROOT / image)

@@ -32,6 +32,27 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), JAX {jax.__version__} on {jax.device_count()} x {kind}"
 
 
+def markdown_table(table: pd.DataFrame) -> str:
+    """`table` as a markdown table, floats to 3 significant digits."""
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    for _, row in table.iterrows():
+        cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def checks_table(found: list[Claim]) -> pd.DataFrame:
+    """One row per check of each claim: claim, verdict, measure, value, sense, threshold, holds, detail."""
+    return pd.DataFrame(
+        [
+            {"claim": c.key, "verdict": c.verdict, "measure": k.measure, "value": k.value, "sense": k.sense}
+            | {"threshold": k.threshold, "holds": k.holds, "detail": k.detail}
+            for c in found
+            for k in c.checks
+        ]
+    )
+
+
 def publish(path: Path, page: str, found: list[Claim]) -> None:
     """Writes the results page atomically and prints each claim's verdict and the page's path."""
     write_atomic(path, page)

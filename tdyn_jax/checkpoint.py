@@ -25,14 +25,25 @@ class CheckpointError(Exception):
     """No checkpoint of a run restores; the message names the directory and what to do."""
 
 
+def saved_config_path(workdir: Path) -> Path | None:
+    """WORKDIR/config.json, or without it the config saved with the newest checkpoint, or None."""
+    path = workdir / "config.json"
+    if path.exists():
+        return path
+    saved = [p for p in (workdir / "checkpoints").glob("*") if p.name.isdigit() and (p / "config").is_dir()]
+    newest = max(saved, key=lambda p: int(p.name), default=None)
+    return newest / "config" / "metadata" if newest is not None else None
+
+
 def check_resume(workdir: Path, config: dict[str, Any]) -> None:
     """Raises ConfigError if `workdir` holds a run saved with a config that forbids resuming it with
-    `config` (reads only: run before compiling anything)."""
-    path = workdir / "config.json"
+    `config` (reads only: run before compiling anything). Without config.json, the config saved with
+    the newest checkpoint decides."""
     existing = next(p for p in (workdir, *workdir.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise ConfigError(f"workdir {workdir}: {existing} is a file, not a directory; pass another --workdir")
-    if not path.exists():
+    path = saved_config_path(workdir)
+    if path is None:
         return
     try:
         saved = json.loads(path.read_text())

@@ -12,8 +12,11 @@ import pandas as pd
 import pytest
 from conftest import DUMP_SITES, DUMP_STEP, ENV, ROOT, run_cmd, run_tiny, saved_params, snapshot
 
+from configs import tiny
 from tdyn_jax.analysis import load
 from tdyn_jax.analysis.report import write_report
+from tdyn_jax.checkpoint import check_resume, saved_config_path
+from tdyn_jax.config import ConfigError, to_dict
 from tdyn_jax.dumps import read_dump
 
 PLAIN = "--config.probes.enabled=False"  # for the tests of the loop itself: no probed step to compile
@@ -258,3 +261,17 @@ def test_resume_on_a_different_mesh_reshards_the_checkpoint(tmp_path):
     one, resharded = _leaves(saved_params(ref, 20)), _leaves(saved_params(moved, 20))
     for name, value in one.items():
         np.testing.assert_allclose(resharded[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_without_config_json_the_newest_checkpoint_config_decides_a_resume(tiny_run, tmp_path):
+    """A run directory that lost config.json (deleted while the run trained) still refuses a resume
+    with another model: the config saved with its newest checkpoint is compared instead."""
+    w = tmp_path / "run"
+    shutil.copytree(tiny_run[0] / "checkpoints", w / "checkpoints")
+    config = to_dict(tiny.get_config())
+    check_resume(w, config)  # the same model: resumable
+    config["model"]["num_layers"] = 3
+    with pytest.raises(ConfigError, match=r"cannot resume .*model\.num_layers=2 \(saved\) vs 3"):
+        check_resume(w, config)
+    assert saved_config_path(w) == w / "checkpoints" / "20" / "config" / "metadata"
+    assert saved_config_path(tmp_path / "fresh") is None

@@ -76,7 +76,7 @@ def er_claim(table: pd.DataFrame) -> Claim:
             notes.append(
                 f"{run} diverged at step {rows.diverged_at[run]:.0f}"
                 if diverged
-                else f"{run} {gaps[-1]:+.3f}"
+                else f"{run} {gaps[-1]:+.3f} nats"
             )
         both = all(np.isfinite(rows.diverged_at.get(run, np.nan)) for run in (er, channel))
         checks.append(
@@ -85,7 +85,7 @@ def er_claim(table: pd.DataFrame) -> Claim:
                 float("nan") if both else float(gaps[0] - gaps[1]),
                 "<=",
                 0.0,
-                ", ".join(notes) + " nats",
+                ", ".join(notes),
             )
         )
     return Claim("er", ER_STATEMENT, tuple(checks))

@@ -114,27 +114,23 @@ def levers_figure(series: dict[tuple, pd.Series], path: Path) -> Path:
 def lowprec_training_figure(
     losses: dict[str, pd.DataFrame], kurtosis: dict[str, pd.Series], reference: str, path: Path
 ) -> Path:
-    """Left: each run's training loss minus the reference run's at the same logged step; right: the
-    residual stream's largest RMS kurtosis over training. One colour per forward format, dashed where
-    the backward products are quantised too (run names ending in _bwd)."""
+    """Left: each run's training loss (the mean over each log interval) minus the reference run's at the
+    same logged step; right: the residual stream's largest RMS kurtosis over training. One colour per
+    forward format, dashed where the backward products are quantised too (run names ending in _bwd)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
-    ref = losses[reference].set_index("step").loss
+    column = "loss_avg" if "loss_avg" in losses[reference] else "loss"
+    ref = losses[reference].set_index("step")[column]
     families = sorted({run.removesuffix("_bwd") for run in losses})
     for run in losses:
         color = plt.cm.tab20(families.index(run.removesuffix("_bwd")) / max(len(families) - 1, 1))
         style = "--" if run.endswith("_bwd") else "-"
         frame = losses[run]
-        left.plot(
-            frame.step,
-            frame.loss.to_numpy() - ref.reindex(frame.step).to_numpy(),
-            style,
-            color=color,
-            label=run,
-        )
+        gap = frame[column].to_numpy() - ref.reindex(frame.step).to_numpy()
+        left.plot(frame.step, gap, style, color=color, label=run)
         if run in kurtosis:
             right.plot(kurtosis[run].index, kurtosis[run].to_numpy(), style, color=color)
     left.axhline(0.0, color="black", lw=0.8)
-    left.set(xlabel="step", ylabel=f"training loss - {reference}'s (nats)")
+    left.set(xlabel="step", ylabel=f"interval-mean training loss - {reference}'s (nats)")
     left.set_yscale("symlog", linthresh=0.01)
     left.legend(fontsize=6, ncol=2)
     right.set(xlabel="step", ylabel="largest RMS kurtosis of resid/out over layers", yscale="log")

@@ -83,9 +83,10 @@ def main(argv: list[str]) -> None:
         " largest change at | share by 25% | share within 5% |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    size = lambda v: "" if pd.isna(v) else f"{v:.0f}"  # a project run's row leaves them blank
     for r in table.itertuples():
         lines.append(
-            f"| {r.name} | {r.d_model:.0f} | {r.layers:.0f} | {r.matrices} | {r.share_above:.2f} |"
+            f"| {r.name} | {size(r.d_model)} | {size(r.layers)} | {r.matrices} | {r.share_above:.2f} |"
             f" {r.first_ratio:.2f} -> {r.last_ratio:.2f} | {r.reference:.2f} | {r.largest_change_at:.1%} |"
             f" {r.early_share:.2f} | {r.sharp_share:.2f} |"
         )

@@ -38,4 +38,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.probes.cols = 48  # of the 64 columns of mlp/up
     c.analysis.report = False  # the report has tests of its own
     c.analysis.kinds = ("resid/out",)
+    c.analysis.workers = 1  # a tiny report draws faster in-process than it spawns helpers (3.3 s vs 4.4 s)
     return c

@@ -1,6 +1,8 @@
 """Training in simulated low precision: the quantised product and its gradients against float64 numpy
 built from the ml_dtypes references, and the model's plumbing against the plain step."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from configs import tiny
 from tdyn_jax import fake_quant, sharding
 from tdyn_jax.config import ConfigError, validate
 from tdyn_jax.fake_quant import Format, parse, quantized_matmul
+from tdyn_jax.model import Transformer
 from tests.test_probe_stats import ref_quantize, ref_quantize_blocks, ref_scale
 from tests.test_train import _batches
 
@@ -116,19 +119,34 @@ def _steps(cfg, n=2):
     return jax.device_get(state.params), float(metrics["loss"])
 
 
+@functools.cache
+def _plain_steps():
+    return _steps(tiny.get_config())
+
+
 @pytest.mark.parametrize("grad_spec", ["none", "e5m2/tensor"])
 def test_identity_quantiser_gives_the_plain_step_bit_for_bit(monkeypatch, grad_spec):
     """The fake-quantised path with the quantiser made the identity equals the plain step bit for bit:
     what the path adds to training is the quantiser and nothing else (matmul_format=none is the plain
     step's own code)."""
-    cfg = tiny.get_config()
-    plain, plain_loss = _steps(cfg)
+    plain, plain_loss = _plain_steps()
     monkeypatch.setattr(fake_quant, "quantize_operand", lambda x, f, axis: (x.astype(jnp.float32), 1.0))
     cfg = tiny.get_config()
     cfg.model.matmul_format, cfg.model.matmul_grad_format = "e4m3/tensor", grad_spec
     same, same_loss = _steps(cfg)
     assert plain_loss == same_loss
     jax.tree.map(np.testing.assert_array_equal, plain, same)
+
+
+TOKENS = jnp.zeros((2, 8), jnp.int32).at[:, 1::2].set(7)
+
+
+@functools.cache
+def _plain_model():
+    """(params, logits) of the plain tiny model, compiled once."""
+    model = Transformer(tiny.get_config().model)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), TOKENS)
+    return params, jax.jit(model.apply)(params, TOKENS)
 
 
 @pytest.mark.parametrize(
@@ -138,17 +156,13 @@ def test_matmul_sites_choose_the_quantised_matmuls(sites, per_layer, unembed):
     """tiny (gelu MLP, tied unembedding) has 4 attention and 2 MLP matmuls per layer and the
     unembedding; the model with MXFP4 at `sites` has as many quantised products as they match, and its
     logits differ from the plain model's."""
-    from tdyn_jax.model import Transformer
-
+    params, plain = _plain_model()
     cfg = tiny.get_config().model
-    tokens = jnp.zeros((2, 8), jnp.int32).at[:, 1::2].set(7)
-    params = Transformer(cfg).init(jax.random.PRNGKey(0), tokens)
     cfg.matmul_format, cfg.matmul_sites = "mxfp4", sites
     model = Transformer(cfg)
-    jaxpr = str(jax.make_jaxpr(model.apply)(params, tokens))
+    jaxpr = str(jax.make_jaxpr(model.apply)(params, TOKENS))
     assert jaxpr.count("custom_vjp_call") == cfg.num_layers * per_layer + unembed
-    plain = Transformer(tiny.get_config().model).apply(params, tokens)
-    assert not np.allclose(model.apply(params, tokens), plain, rtol=1e-3)
+    assert not np.allclose(jax.jit(model.apply)(params, TOKENS), plain, rtol=1e-3)
 
 
 @pytest.mark.parametrize(

@@ -148,7 +148,7 @@ def test_analyze_command_filters_sites_and_steps(tiny_run, tmp_path):
         "params/layer_01/attn/q/kernel",
     ]  # fmt: skip
     page = (w / "analysis" / "report.html").read_text()
-    figure = re.search(r'<h2>Pythia reference</h2>\n<figure><img src="([^"]+)"', page)
+    figure = re.search(r'<h2>Pythia reference</h2>\n<figure><a href="([^"]+)"><img', page)
     assert figure, "analysis.reference=pythia draws the run's weight tails over Pythia's"
     with Image.open(w / "analysis" / figure.group(1)) as image:
         assert min(image.size) > 100

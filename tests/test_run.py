@@ -76,10 +76,9 @@ def test_kill_and_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     steps = ["--config.train.num_steps=1000", "--config.checkpoint.every=50", "--config.checkpoint.keep=2"]
     steps += ["--config.probes.every=50"]  # tiny's sites: the session's compiled probed step
     ref, crashed = tmp_path / "ref", tmp_path / "crashed"
-    done = run_tiny(ref, *steps)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    proc = subprocess.Popen(
+    ref_log = (tmp_path / "ref.log").open("w")  # a file: a full pipe nobody reads would stall the run
+    uninterrupted = subprocess.Popen(run_cmd(ref, *steps), cwd=ROOT, env=ENV, stdout=ref_log, stderr=ref_log)
+    proc = subprocess.Popen(  # side by side with the reference: the two runs are independent
         run_cmd(crashed, *steps), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     _wait_for(lambda: (crashed / "checkpoints" / "100").exists(), proc)
@@ -89,9 +88,11 @@ def test_kill_and_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     proc.communicate()
     killed_at = max(r["step"] for r in _metrics(crashed))
     assert killed_at < 1000, "the run finished before it was killed"
+    assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    ref_log.close()
     saved = max(int(p.name) for p in (crashed / "checkpoints").iterdir() if p.name.isdigit())
     (crashed / "metrics.jsonl").open("a").write('{"step": 99')  # a line cut short by the kill
-    page = write_report(crashed, ("resid/out",), progress=False)  # the report of an interrupted run
+    page = write_report(crashed, ("resid/out",), workers=1, progress=False)  # of an interrupted run
     assert f"capture steps</th><td>{', '.join(map(str, load(crashed).steps))}<" in page.read_text()
     partial = crashed / "checkpoints" / f"{saved + 50}.orbax-checkpoint-tmp"  # a save cut short
     (partial / "state").mkdir(parents=True)

@@ -8,7 +8,7 @@ from typing import Any
 import ml_collections
 import pytest
 
-from configs import base, outlier_levers, seed_claims, small, tiny, tpu_v5e_64, vocab32k
+from configs import base, lowprec_training, outlier_levers, seed_claims, small, tiny, tpu_v5e_64, vocab32k
 from tdyn_jax import config as config_lib
 from tdyn_jax.config import ConfigError, resume_conflicts, to_dict, validate
 
@@ -137,6 +137,14 @@ def test_study_configs_validate_at_every_scale_and_every_lever(scale):
         assert (cfg.optim.lr, cfg.optim.eps) == (lr, eps)
         placement = "none" if cfg.model.norm == "none" else cfg.model.norm_placement
         assert placement == norm and cfg.name.endswith(f"_{norm}")
+    runs = lowprec_training.get_config(scale)
+    for run, (dtype, forward, grad) in lowprec_training.RUNS.items():
+        cfg = lowprec_training.with_format(runs, run)
+        validate(cfg, num_devices=1)
+        assert (cfg.model.compute_dtype, cfg.model.matmul_format, cfg.model.matmul_grad_format) == (
+            dtype, forward, grad
+        )  # fmt: skip
+        assert cfg.name == f"lowprec_training_{scale}/{run}"
     with pytest.raises(ValueError, match="unknown scale 'huge'"):
         seed_claims.get_config("huge")
 

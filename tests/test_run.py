@@ -35,6 +35,13 @@ def _leaves(tree, prefix=""):
     return {prefix: np.asarray(tree)}
 
 
+def _start_tiny(workdir, log, *overrides):
+    """A tiny run started in the background, its output in the file `log` (a pipe nobody reads while
+    the test does other work could fill and stall it)."""
+    with open(log, "w") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(run_cmd(workdir, *overrides), cwd=ROOT, env=ENV, stdout=out, stderr=out)
+
+
 def _wait_for(predicate, proc, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -59,25 +66,25 @@ def test_end_to_end_then_rerun_resumes(tiny_run, tmp_path):
     assert sorted(p.name for p in (first / "probes").iterdir()) == ["10", "20"]  # one chunk per checkpoint
     assert list(load(first).steps) == [0, 2, 5, 10, 15]
 
-    w = tmp_path / "run"
+    w, extended = tmp_path / "run", tmp_path / "extended"
     shutil.copytree(first, w)
+    shutil.copytree(first, extended)
+    longer = _start_tiny(extended, tmp_path / "longer.log", "--config.train.num_steps=30")  # meanwhile
     again = run_tiny(w)  # same command: resumes at the end, trains nothing, duplicates nothing
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed" in again.stderr and "from step 20" in again.stderr
     assert [r["step"] for r in _metrics(w)] == [5, 10, 15, 20]
 
-    longer = run_tiny(w, "--config.train.num_steps=30")
-    assert longer.returncode == 0, longer.stderr[-3000:]
-    assert [r["step"] for r in _metrics(w)] == [5, 10, 15, 20, 25, 30]
-    assert list(load(w).steps) == [0, 2, 5, 10, 15, 20, 25]
+    assert longer.wait(timeout=600) == 0, (tmp_path / "longer.log").read_text()[-3000:]
+    assert [r["step"] for r in _metrics(extended)] == [5, 10, 15, 20, 25, 30]
+    assert list(load(extended).steps) == [0, 2, 5, 10, 15, 20, 25]
 
 
 def test_kill_and_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     steps = ["--config.train.num_steps=1000", "--config.checkpoint.every=50", "--config.checkpoint.keep=2"]
     steps += ["--config.probes.every=50"]  # tiny's sites: the session's compiled probed step
     ref, crashed = tmp_path / "ref", tmp_path / "crashed"
-    ref_log = (tmp_path / "ref.log").open("w")  # a file: a full pipe nobody reads would stall the run
-    uninterrupted = subprocess.Popen(run_cmd(ref, *steps), cwd=ROOT, env=ENV, stdout=ref_log, stderr=ref_log)
+    uninterrupted = _start_tiny(ref, tmp_path / "ref.log", *steps)
     proc = subprocess.Popen(  # side by side with the reference: the two runs are independent
         run_cmd(crashed, *steps), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -89,7 +96,6 @@ def test_kill_and_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     killed_at = max(r["step"] for r in _metrics(crashed))
     assert killed_at < 1000, "the run finished before it was killed"
     assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-3000:]
-    ref_log.close()
     saved = max(int(p.name) for p in (crashed / "checkpoints").iterdir() if p.name.isdigit())
     (crashed / "metrics.jsonl").open("a").write('{"step": 99')  # a line cut short by the kill
     page = write_report(crashed, ("resid/out",), workers=1, progress=False)  # of an interrupted run
@@ -215,7 +221,7 @@ def test_two_process_run_matches_one_process_and_resumes(tiny_run, tmp_path):
                 rtol=1e-5,
                 atol=1e-6,
             )
-    errs = _run_two_processes(multi, *dumps, "--config.train.num_steps=30")
+    errs = _run_two_processes(multi, dumps[0], "--config.train.num_steps=30")  # the dump is taken
     assert all("from step 20" in err for err in errs)
     assert [r["step"] for r in _metrics(multi)] == [5, 10, 15, 20, 25, 30]
     assert list(load(multi).steps) == [0, 2, 5, 10, 15, 20, 25]
@@ -247,7 +253,7 @@ def _assert_same_captures(one, two):
 def test_resume_on_a_different_mesh_reshards_the_checkpoint(tmp_path):
     ref, moved = tmp_path / "ref", tmp_path / "moved"
     constant = "--config.optim.schedule=constant"  # so that stopping at step 10 changes no lr
-    assert run_tiny(ref, constant, PLAIN).returncode == 0
+    uninterrupted = _start_tiny(ref, tmp_path / "ref.log", constant, PLAIN)  # meanwhile
     assert run_tiny(moved, constant, PLAIN, "--config.train.num_steps=10").returncode == 0  # one device
     eight = subprocess.run(
         run_cmd(moved, constant, PLAIN, "--config.mesh.fsdp=2"),  # 4 (data) x 2 (fsdp) virtual devices
@@ -259,6 +265,7 @@ def test_resume_on_a_different_mesh_reshards_the_checkpoint(tmp_path):
     )
     assert eight.returncode == 0, eight.stderr[-3000:]
     assert "from step 10" in eight.stderr
+    assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-3000:]
     one, resharded = _leaves(saved_params(ref, 20)), _leaves(saved_params(moved, 20))
     for name, value in one.items():
         np.testing.assert_allclose(resharded[name], value, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -4,7 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import DUMP_SITES, DUMP_STEP, run_tiny
+from conftest import DUMP_STEP, run_tiny
 from tensorboard.backend.event_processing import event_accumulator as ea
 
 from configs import tiny
@@ -52,9 +52,7 @@ def test_captures_in_tensorboard_equal_the_store_and_a_resume_writes_no_duplicat
     w = tmp_path / "run"
     shutil.copytree(tiny_run[0], w, ignore=shutil.ignore_patterns("analysis", "dumps"))
     shutil.rmtree(w / "checkpoints" / "20")  # as if it crashed after step 10: captures 10 and 15 again
-    args = [f"--config.probes.at_steps=({DUMP_STEP},)", f"--config.probes.dump_steps=({DUMP_STEP},)"]
-    args += [f"--config.probes.dump_sites={DUMP_SITES!r}", "--config.train.tensorboard=True"]
-    done = run_tiny(w, *args)
+    done = run_tiny(w, f"--config.probes.at_steps=({DUMP_STEP},)", "--config.train.tensorboard=True")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "from step 10" in done.stderr
     captures, events = load(w), _events(w / "tb" / "probes")

@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
     # exit 3) | skip (leave the state unchanged for that step; stop after max_skipped in a row) | ignore
     t.nonfinite = "stop"
     t.max_skipped = 10  # train.nonfinite=skip: skipped steps in a row before the run stops
-    t.compilation_cache = True  # keep every compiled program in <cache dir>/xla: resumes skip compiling
+    t.compilation_cache = True  # keep compiled steps in <cache dir>/xla: resumes and reruns skip compiling
 
     c.checkpoint = k = ml_collections.ConfigDict()
     k.every = 200  # steps between checkpoints (and always after the last step)

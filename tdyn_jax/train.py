@@ -415,9 +415,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
     )
     batches = data_lib.Batches(train_tokens, seq, batch_size, cfg.seed, pid, nproc, "train")
     val = data_lib.Batches(val_tokens, seq, batch_size, cfg.seed + 1, pid, nproc, "validation")
-    if cfg.train.compilation_cache:  # every program, also the quick ones: a resume starts at once
+    if cfg.train.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", str(data_lib.cache_dir() / "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     mesh = sharding.make_mesh(cfg)
     program = build(cfg, mesh)
 

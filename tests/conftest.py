@@ -1,6 +1,5 @@
-"""Test setup: 8 virtual CPU devices for the sharding tests, one compilation cache per session (every
-program of every script and run), and one tiny run with captures, dumps and a report that several
-test files read."""
+"""Test setup: 8 virtual CPU devices for the sharding tests, one compilation cache per session, and one
+tiny run with captures, dumps and a report that several test files read."""
 
 import os
 import subprocess
@@ -20,9 +19,6 @@ jax.config.update("jax_num_cpu_devices", 8)
 # run.py subprocesses of one session share compiled programs (and never touch the user's cache)
 os.environ["TDYN_JAX_CACHE"] = tempfile.mkdtemp(prefix="tdyn_jax_test_cache_")
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ["TDYN_JAX_CACHE"], "xla"))
-os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["TDYN_JAX_CACHE"], "xla")  # scripts too
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # every program, also the quick ones
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}

@@ -89,6 +89,7 @@ CASES = [
 
 def _run_case(index: int, root: Path, run: Path) -> tuple[subprocess.CompletedProcess, dict, dict, dict]:
     case = root / f"case_{index:02d}"
+    case.mkdir()
     script, args, _ = CASES[index]
     if any("{run}" in a for a in args):  # only the cases that point at it get a copy of the run
         shutil.copytree(run, case / "run")

@@ -59,6 +59,7 @@ def tail_measures(tails: pd.DataFrame) -> pd.DataFrame:
     for matrix, frame in tails.sort_values("progress").groupby("matrix", sort=True):
         progress, ratio = frame.progress.to_numpy(), frame.tail_ratio.to_numpy()
         n = int(frame.n.iloc[0])
+        reference = gaussian_max(n)
         change = ratio[-1] - ratio[0]
         early = ratio[progress <= EARLY][-1] if (progress <= EARLY).any() else np.nan
         moved = change != 0 and len(ratio) > 1
@@ -69,8 +70,8 @@ def tail_measures(tails: pd.DataFrame) -> pd.DataFrame:
                 "n": n,
                 "first": ratio[0],
                 "last": ratio[-1],
-                "reference": gaussian_max(n),
-                "above": bool(ratio[-1] > gaussian_max(n)),
+                "reference": reference,
+                "above": bool(ratio[-1] > reference),
                 "largest_change_at": float(largest),
                 "early_share": (early - ratio[0]) / change if moved else np.nan,
                 "sharp_share": _sharp_share(progress, ratio, change) if moved else np.nan,

@@ -237,11 +237,9 @@ def batch_shapes(cfg: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.Sh
     return {"inputs": tokens, "targets": tokens}
 
 
-def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Program:
-    """Model, optimizer and jitted steps for `cfg`, laid out on `mesh`.
-
-    Raises ConfigError when a probes.sites or probes.dump_sites pattern matches no site of the model.
-    """
+def build(cfg: ml_collections.ConfigDict, mesh: Mesh, probes: bool = True) -> Program:
+    """Model, optimizer and jitted steps for `cfg`, laid out on `mesh`; with `probes` and
+    cfg.probes.enabled, the probed steps too (see `with_probes`)."""
     model = Transformer(cfg.model)
     tx = optimizer(cfg.optim, cfg.train.num_steps)
     init = init_state(model, tx, cfg.seed, cfg.data.seq_len)
@@ -259,38 +257,61 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Program:
     )
     eval_step = jax.jit(make_eval_step(model), in_shardings=(state_sharding.params, batch_sharding))
     program = Program(model, jax.jit(init, out_shardings=state_sharding), abstract, train_step, eval_step)
-    if not cfg.probes.enabled:
-        return program
-    batch = batch_shapes(cfg, mesh)
+    return with_probes(program, cfg, mesh) if probes and cfg.probes.enabled else program
+
+
+def with_probes(program: Program, cfg: ml_collections.ConfigDict, mesh: Mesh, dumps: bool = True) -> Program:
+    """`program` with the jitted probed step and its statistics index, and with `dumps` and
+    cfg.probes.dump_steps, the probed step that also dumps tensors. Tracing them takes seconds: a
+    run builds them only when it has capture steps left.
+
+    Raises ConfigError when a probes.sites or probes.dump_sites pattern matches no site of the model.
+    """
+    tx = optimizer(cfg.optim, cfg.train.num_steps)
+    state_sharding = jax.tree.map(lambda a: a.sharding, program.abstract_state)
     replicated = NamedSharding(mesh, PartitionSpec())
+    spec = ProbeSpec.from_config(cfg.probes).for_platform(mesh.devices.flat[0].platform)
+    dumping = dumps and bool(cfg.probes.dump_steps)
+    if dumping:
+        spec = spec.with_dumps(tuple(cfg.probes.dump_sites))
+    step = jax.jit(make_train_step(program.model, tx, cfg, spec))
+    _, _, blocks, dumped = step.eval_shape(program.abstract_state, batch_shapes(cfg, mesh))  # traced once
 
-    def jit_probed(spec: ProbeSpec) -> tuple[Any, dict[str, list[str]], set[str]]:
-        """The jitted probed step of `spec`, its statistics index and the sites it dumps, both
-        read from the shapes of its outputs."""
-        step = jax.jit(make_train_step(model, tx, cfg, spec))
-        _, _, blocks, dumped = step.eval_shape(abstract, batch)  # traced once, reused below
+    def packed(with_dumps: bool) -> Any:
+        """The jitted step (reusing the trace above) that packs the statistics and returns the dumped
+        tensors, or none: XLA then leaves out what only the dumps need."""
 
-        def packed(state: TrainState, b: dict) -> tuple:
+        def run(state: TrainState, b: dict) -> tuple:
             new_state, metrics, blocks, dumped = step(state, b)
-            return new_state, metrics, capture.pack(blocks), capture.dumped_sites(dumped, spec.dump_sites)
+            dumped = capture.dumped_sites(dumped, spec.dump_sites) if with_dumps else {}
+            return new_state, metrics, capture.pack(blocks), dumped
 
-        jitted = jax.jit(
-            packed,
-            in_shardings=(state_sharding, batch_sharding),
+        return jax.jit(
+            run,
+            in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
             out_shardings=(state_sharding, None, replicated, None),  # dumps stay as they are sharded
             donate_argnums=0,
         )
-        return jitted, capture.pack_index(blocks), capture.dump_names(dumped)
 
-    spec = ProbeSpec.from_config(cfg.probes).for_platform(mesh.devices.flat[0].platform)
-    probe_step, index, _ = jit_probed(spec)
+    index = capture.pack_index(blocks)
     captured = {layer_free(site) for sites in index.values() for site in sites}
     _check_patterns("probes.sites", cfg.probes.sites, captured, prefixes=True)
     dump_step = None
-    if cfg.probes.dump_steps:
-        dump_step, _, dumped = jit_probed(spec.with_dumps(tuple(cfg.probes.dump_sites)))
-        _check_patterns("probes.dump_sites", cfg.probes.dump_sites, dumped, prefixes=False)
-    return dataclasses.replace(program, probe_step=probe_step, dump_step=dump_step, probe_index=index)
+    if dumping:
+        _check_patterns(
+            "probes.dump_sites", cfg.probes.dump_sites, capture.dump_names(dumped), prefixes=False
+        )
+        dump_step = packed(True)
+    return dataclasses.replace(program, probe_step=packed(False), dump_step=dump_step, probe_index=index)
+
+
+def probes_left(program: Program, cfg: ml_collections.ConfigDict, mesh: Mesh, start: int) -> Program:
+    """`program` with the probed steps that a run at step `start` still needs: none without a capture
+    step left, the dump step only with a dump step left."""
+    left = range(start, cfg.train.num_steps)
+    if not cfg.probes.enabled or not any(is_capture_step(cfg.probes, s) for s in left):
+        return program
+    return with_probes(program, cfg, mesh, dumps=any(s in left for s in cfg.probes.dump_steps))
 
 
 def _check_patterns(field: str, patterns: tuple[str, ...], sites: set[str], prefixes: bool) -> None:
@@ -395,6 +416,60 @@ def take_step(
     return state, metrics, captured
 
 
+class Captures:
+    """The captures taken since the last checkpoint, still on the devices, and where they are saved:
+    the probe store, one chunk per checkpoint, and TensorBoard when `board` is set."""
+
+    def __init__(self, store: ProbeStore):
+        self.store, self.board = store, None
+        self.taken: list[tuple[int, Any]] = []
+
+    @classmethod
+    def open(cls, cfg: ml_collections.ConfigDict, workdir: Path, program: Program, start: int) -> Captures:
+        """The captures of a run (re)starting at step `start`: chunks after it, left by a crash, are
+        deleted; TensorBoard is written when the run has a probed step and train.tensorboard is set."""
+        captures = cls(ProbeStore(workdir, program.probe_index))
+        captures.store.discard_after(start)
+        if program.probe_step and cfg.train.tensorboard and jax.process_index() == 0:
+            exp_range = (cfg.probes.exp_min, cfg.probes.exp_max)
+            captures.board = ProbeBoard(workdir, program.probe_index, exp_range, start)
+        return captures
+
+    def add(self, step: int, captured: Any) -> None:
+        self.taken.append((step, captured))
+
+    def save(self, chunk: int, before: int | None = None) -> None:
+        """Writes the captures (those of steps before `before`) as chunk `chunk`; starts anew."""
+        kept = [(s, c) for s, c in self.taken if before is None or s < before]
+        self.taken = []
+        if kept:
+            fetched = jax.device_get(kept)
+            self.store.save(chunk, fetched)
+            if self.board:
+                self.board.write(fetched)
+
+    def close(self) -> None:
+        self.store.close()
+        if self.board:
+            self.board.close()
+
+
+def nonfinite_stop(cfg: ml_collections.ConfigDict, ckpt: Checkpoints, bad: int, reason: str) -> NonFiniteStop:
+    """The exception that ends a run at its first non-finite step `bad`, saying how to go on."""
+    latest = ckpt.latest_step()
+    resume = (
+        f"rerun with --config.train.nonfinite=skip to resume from checkpoint {latest} "
+        f"({ckpt.directory / str(latest)}) and step over it"
+        if latest is not None
+        else "no checkpoint was saved: rerun with --config.train.nonfinite=skip to step over it"
+    )
+    return NonFiniteStop(
+        f"{reason} at step {bad} (train.nonfinite={cfg.train.nonfinite}): the captures up to it are "
+        f"saved, no state after step {latest or 0}; {resume}, or start a new run with a lower optim.lr",
+        bad,
+    )
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics with their step (only
     the step when nothing was trained).
@@ -407,42 +482,27 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
     config = to_dict(cfg)
     check_resume(workdir, config)
     train_tokens, val_tokens = data_lib.load_splits(cfg.data, cfg.model.vocab_size)
-    pid, nproc, seq, batch_size = (
-        jax.process_index(),
-        jax.process_count(),
-        cfg.data.seq_len,
-        cfg.data.batch_size,
-    )
-    batches = data_lib.Batches(train_tokens, seq, batch_size, cfg.seed, pid, nproc, "train")
-    val = data_lib.Batches(val_tokens, seq, batch_size, cfg.seed + 1, pid, nproc, "validation")
+    seq, batch_size = cfg.data.seq_len, cfg.data.batch_size
+    process = (jax.process_index(), jax.process_count())
+    batches = data_lib.Batches(train_tokens, seq, batch_size, cfg.seed, *process, "train")
+    val = data_lib.Batches(val_tokens, seq, batch_size, cfg.seed + 1, *process, "validation")
     if cfg.train.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", str(data_lib.cache_dir() / "xla"))
     mesh = sharding.make_mesh(cfg)
-    program = build(cfg, mesh)
-
+    program = build(cfg, mesh, probes=False)
+    if not (workdir / "checkpoints").exists():  # a new run: the probe patterns are checked before any write
+        program = probes_left(program, cfg, mesh, 0)
     ckpt = Checkpoints(workdir, cfg.checkpoint)
     try:
         state, carried = restore_or_init(program, ckpt, batches, workdir)
-    except CheckpointError:
+        start = int(state.step)
+        if program.probe_step is None:
+            program = probes_left(program, cfg, mesh, start)
+    except (CheckpointError, ConfigError):
         ckpt.close()
         raise
     write_config(workdir, config)
-    start = int(state.step)
-    store = ProbeStore(workdir, program.probe_index) if program.probe_step else None
-    if store:
-        store.discard_after(start)
-    board = None
-    if store and cfg.train.tensorboard and jax.process_index() == 0:
-        board = ProbeBoard(workdir, program.probe_index, (cfg.probes.exp_min, cfg.probes.exp_max), start)
-
-    def save_captures(chunk: int, taken: list[tuple[int, Any]]) -> None:
-        """The captures `taken` as probe chunk `chunk` (and in TensorBoard)."""
-        fetched = jax.device_get(taken)
-        store.save(chunk, fetched)
-        if board:
-            board.write(fetched)
-
-    captures: list[tuple[int, Any]] = []  # taken since the last checkpoint, still on the devices
+    captures = Captures.open(cfg, workdir, program, start) if cfg.probes.enabled else None
     val_batches = [sharding.global_batch(val.batch(i), mesh) for i in range(cfg.train.eval_batches)]
 
     def evaluate(params: Any) -> dict[str, float]:
@@ -452,21 +512,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
     def stop_at(bad: int, reason: str, done: int) -> NonFiniteStop:
         """Writes the log row and the captures before step `bad`; the exception that ends the run."""
         writer.write(done, interval.close())
-        kept = [(s, c) for s, c in captures if s < bad]
-        if kept:
-            save_captures(bad, kept)
-        latest = ckpt.latest_step()
-        resume = (
-            f"rerun with --config.train.nonfinite=skip to resume from checkpoint {latest} "
-            f"({ckpt.directory / str(latest)}) and step over it"
-            if latest is not None
-            else "no checkpoint was saved: rerun with --config.train.nonfinite=skip to step over it"
-        )
-        return NonFiniteStop(
-            f"{reason} at step {bad} (train.nonfinite={cfg.train.nonfinite}): the captures up to it are "
-            f"saved, no state after step {latest or 0}; {resume}, or start a new run with a lower optim.lr",
-            bad,
-        )
+        if captures is not None:
+            captures.save(bad, before=bad)
+        return nonfinite_stop(cfg, ckpt, bad, reason)
 
     show_bar = cfg.train.progress_bar and sys.stderr.isatty() and jax.process_index() == 0
     bar = tqdm(total=cfg.train.num_steps, initial=start, disable=not show_bar, dynamic_ncols=True)
@@ -482,7 +530,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
             batch = sharding.global_batch(next(batches), mesh)
             state, metrics, captured = take_step(program, cfg, workdir, step, state, batch)
             if captured is not None:
-                captures.append((step, captured))
+                captures.add(step, captured)
             done = step + 1
             interval.add(done, metrics)
             bar.update(1)
@@ -501,9 +549,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
                 bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
                 last.update(row, step=done)
             if save_now:
-                if captures:  # the chunk is on disk before the checkpoint that covers it starts
-                    save_captures(done, captures)
-                    captures = []
+                if captures is not None:  # the chunk is on disk before the checkpoint that covers it starts
+                    captures.save(done)
                 ckpt.save(done, state, batches.state, config, {"interval": interval.carry()})
             if stopping:
                 logging.warning("stop requested at step %d: checkpoint saved, exiting", done)
@@ -514,8 +561,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
         stop.restore()
         ckpt.close()
         writer.close()
-        if store:
-            store.close()
-        if board:
-            board.close()
+        if captures is not None:
+            captures.close()
     return last

@@ -64,6 +64,7 @@ CASES = [
     ("benchmarks/analysis_speed.py", ["--workdir={run}", "--workers=0"], "flag --workers=0"),
     ("benchmarks/tpu_compile.py", [TINY, "--hbm_gib=0"], "flag --hbm_gib=0"),
     ("benchmarks/gpu_check.py", [TINY, "--steps=0"], "flag --steps=0"),
+    ("benchmarks/vs_nanodo.py", [TINY, "--nanodo={empty}"], "--nanodo='{empty}' holds no nanodo/model.py"),
     ("experiments/sample.py", ["--workdir={fresh}"], "{fresh} is not a run directory"),
     ("experiments/sample.py", ["--workdir={empty}"], "{empty} is not a run directory"),
     ("experiments/sample.py", ["--workdir={run}", "--temperature=-1"], "flag --temperature=-1"),

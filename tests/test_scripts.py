@@ -75,6 +75,55 @@ def test_gpu_check_runs_on_the_cpu():
     assert end < start  # it trains
 
 
+# a stand-in for a nanodo checkout with its interface (nanodo.model.DoConfig and TransformerDo,
+# nanodo.optimizer.get_optimizer): the real one is not on the package index
+STAND_IN = {
+    "model.py": """
+import dataclasses
+import flax.linen as nn
+import jax.numpy as jnp
+
+@dataclasses.dataclass
+class DoConfig:
+    D: int
+    H: int
+    L: int
+    N: int
+    V: int
+    F: int
+    dtype: jnp.dtype = jnp.float32
+    fsdp_enabled: bool = True
+
+class TransformerDo(nn.Module):
+    docfg: DoConfig
+
+    @nn.compact
+    def __call__(self, tokens):
+        embed = nn.Embed(self.docfg.V, self.docfg.D)
+        return embed.attend(nn.Dense(self.docfg.D, dtype=self.docfg.dtype)(embed(tokens)))
+""",
+    "optimizer.py": """
+import optax
+
+def get_optimizer(c):
+    return optax.MultiSteps(optax.adamw(c.peak_learning_rate, b1=c.b1, b2=c.b2), 1)
+""",
+}
+
+
+def test_nanodo_comparison(tmp_path):
+    """The comparison runs both steps, interleaved, and prints both throughputs and their ratio."""
+    (tmp_path / "nanodo").mkdir()
+    for name, text in {"__init__.py": "", **STAND_IN}.items():
+        (tmp_path / "nanodo" / name).write_text(text)
+    args = ["benchmarks/vs_nanodo.py", "--config=configs/tiny.py", "--rounds=2", "--dtypes=bfloat16"]
+    out = _run(*args, f"--nanodo={tmp_path}")
+    line = next(line for line in out.splitlines() if line.startswith("bfloat16"))
+    ours, theirs = (_number(rf"{who}\s+[\d.]+ ms\s+([\d,]+) tok/s", line) for who in ("tdyn_jax", "nanodo"))
+    assert ours > 0 and theirs > 0
+    assert _number(r"/ nanodo ([\d.]+)x", line) == pytest.approx(ours / theirs, rel=0.005, abs=0.006)
+
+
 @pytest.fixture
 def run_copy(tiny_run, tmp_path):
     """A copy of the session's tiny run, for scripts that write into it."""

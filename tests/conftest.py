@@ -1,6 +1,7 @@
 """Test setup: 8 virtual CPU devices for the sharding tests, one compilation cache per session, and one
 tiny run with captures, dumps and a report that several test files read."""
 
+import json
 import os
 import subprocess
 import sys
@@ -14,10 +15,16 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".st
 
 import jax  # noqa: E402 (after XLA_FLAGS)
 import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
-# run.py subprocesses of one session share compiled programs (and never touch the user's cache)
-os.environ["TDYN_JAX_CACHE"] = tempfile.mkdtemp(prefix="tdyn_jax_test_cache_")
+# run.py subprocesses of one session, and its test workers (pytest-xdist), share compiled programs
+# (and never touch the user's cache)
+RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if RUN_ID:
+    os.environ["TDYN_JAX_CACHE"] = os.path.join(tempfile.gettempdir(), f"tdyn_jax_test_cache_{RUN_ID}")
+else:
+    os.environ["TDYN_JAX_CACHE"] = tempfile.mkdtemp(prefix="tdyn_jax_test_cache_")
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ["TDYN_JAX_CACHE"], "xla"))
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,14 +69,22 @@ def tiny_run(tmp_path_factory):
     """(workdir, finished process) of the main job on configs/tiny.py: 20 steps, captures every 5 steps
     and at step 2, full tensors of two sites dumped at step 2, TensorBoard events, and the report
     written at the end."""
-    workdir = tmp_path_factory.mktemp("tiny") / "run"
-    done = run_tiny(
-        workdir,
-        f"--config.probes.at_steps=({DUMP_STEP},)",
-        f"--config.probes.dump_steps=({DUMP_STEP},)",
-        f"--config.probes.dump_sites={DUMP_SITES!r}",
-        "--config.analysis.report=True",
-        "--config.train.tensorboard=True",
-    )
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the test workers: the first to ask runs it, the others wait
+    with FileLock(root / "tiny_run.lock"):
+        workdir, record = root / "tiny_run" / "run", root / "tiny_run" / "process.json"
+        if not record.exists():
+            done = run_tiny(
+                workdir,
+                f"--config.probes.at_steps=({DUMP_STEP},)",
+                f"--config.probes.dump_steps=({DUMP_STEP},)",
+                f"--config.probes.dump_sites={DUMP_SITES!r}",
+                "--config.analysis.report=True",
+                "--config.train.tensorboard=True",
+            )
+            fields = ("args", "returncode", "stdout", "stderr")
+            record.write_text(json.dumps({k: getattr(done, k) for k in fields}))
+        done = subprocess.CompletedProcess(**json.loads(record.read_text()))
     assert done.returncode == 0, done.stderr[-3000:]
     return workdir, done

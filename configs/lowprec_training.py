@@ -39,6 +39,7 @@ def with_format(c: ml_collections.ConfigDict, run: str) -> ml_collections.Config
     """A copy of base run `c` trained as `run` (a key of RUNS), named after it."""
     c = c.copy_and_resolve_references()
     c.model.compute_dtype, c.model.matmul_format, c.model.matmul_grad_format = RUNS[run]
+    c.model.logits_dtype = "compute"  # the bf16 run: every weight matmul in bf16, the unembedding too
     c.name = f"{c.name}/{run}"
     return c
 

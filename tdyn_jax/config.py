@@ -20,6 +20,7 @@ CHOICES = {
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
+    "model.logits_dtype": ("float32", "compute"),
     "data.source": ("shakespeare", "synthetic", "text", "tokens"),
     "data.token_dtype": ("uint16", "uint32"),
     "optim.name": ("adamw", "adam", "sgd", "lion", "adafactor"),
@@ -246,9 +247,16 @@ def flatten(tree: dict[str, Any], sep: str = ".", prefix: str = "") -> dict[str,
     return flat
 
 
+def _effective(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flat config with model.logits_dtype as the dtype it names (a config saved before the field
+    existed ran the unembedding in the compute dtype)."""
+    logits = flat.get("model.logits_dtype", "compute")
+    return flat | {"model.logits_dtype": flat.get("model.compute_dtype") if logits == "compute" else logits}
+
+
 def resume_conflicts(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Fields that differ between a run's saved config and a new one and forbid resuming it."""
-    old_flat, new_flat = flatten(saved), flatten(new)
+    old_flat, new_flat = _effective(flatten(saved)), _effective(flatten(new))
     conflicts = []
     for key in sorted(set(old_flat) | set(new_flat)):
         if key.startswith(RESUMABLE_CHANGES):

@@ -243,7 +243,7 @@ class Transformer(nn.Module):
         unembed = Linear(
             c.vocab_size,
             False,
-            dtype,
+            jnp.float32 if c.logits_dtype == "float32" else dtype,
             pdtype,
             c.init_std,
             jnp.float32,

@@ -199,6 +199,20 @@ def test_resume_conflicts_other_frozen_fields(dotted, value):
     assert [c.split("=")[0] for c in conflicts] == [dotted]
 
 
+def test_resume_compares_the_dtype_the_unembedding_ran_in():
+    """A config saved before model.logits_dtype existed ran the unembedding in the compute dtype: it
+    resumes under the float32 default when that was float32, not when it was bfloat16."""
+    for compute, logits, resumes in (("float32", "float32", True), ("bfloat16", "float32", False)):
+        saved = to_dict(_with({"model.compute_dtype": compute}))
+        del saved["model"]["logits_dtype"]
+        new = to_dict(_with({"model.compute_dtype": compute, "model.logits_dtype": logits}))
+        assert (resume_conflicts(saved, new) == []) == resumes
+    old_bf16 = to_dict(_with({"model.compute_dtype": "bfloat16"}))
+    del old_bf16["model"]["logits_dtype"]
+    same = _with({"model.compute_dtype": "bfloat16", "model.logits_dtype": "compute"})
+    assert resume_conflicts(old_bf16, to_dict(same)) == []
+
+
 def test_resume_conflicts_allows_train_checkpoint_mesh_and_name_changes():
     saved = to_dict(tiny.get_config())
     new_cfg = tiny.get_config()

@@ -198,6 +198,25 @@ def test_untied_unembedding_ignores_the_embedding_table():
     np.testing.assert_array_equal(np.delete(after, v, axis=-1), np.delete(before, v, axis=-1))
 
 
+def test_logits_dtype_sets_the_unembedding_inputs():
+    """With bfloat16 compute, the logits are the final hidden state times the embedding: the float32
+    embedding (logits_dtype float32) or the embedding rounded to bfloat16 (compute), against float64."""
+    tokens, references, errors = tokens_for(), {}, {}
+    for logits_dtype in ("float32", "compute"):
+        model = Transformer(model_cfg(compute_dtype="bfloat16", logits_dtype=logits_dtype))
+        params = random_params(model)
+        logits, sown = jax.jit(lambda p, t, m=model: m.apply(p, t, capture_intermediates=True))(
+            {"params": params}, tokens
+        )
+        hidden = np.asarray(sown["intermediates"]["final_norm"]["__call__"][0], np.float64)
+        embed = {"float32": params["embed"], "compute": params["embed"].astype(jnp.bfloat16)}
+        references = {k: hidden @ np.asarray(e, np.float64).T for k, e in embed.items()}
+        errors[logits_dtype] = {k: np.abs(np.asarray(logits) - r).max() for k, r in references.items()}
+        np.testing.assert_allclose(logits, references[logits_dtype], rtol=1e-5, atol=1e-5)
+    assert errors["float32"]["compute"] > 100 * errors["float32"]["float32"]  # the two differ
+    assert errors["compute"]["float32"] > 100 * errors["compute"]["compute"]
+
+
 def test_learned_position_p_is_added_at_position_p():
     _, params, apply = built("full")  # positions=learned, max_len 32 > SEQ
     assert params["pos_embed"].shape == (32, 32)

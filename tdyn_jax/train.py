@@ -217,9 +217,11 @@ class StopRequest:
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """The compiled pieces of a run on a mesh: initial state, train step, eval step, shardings."""
+    """The compiled pieces of a run on a mesh: model, optimizer, initial state, train step, eval step,
+    shardings."""
 
     model: Transformer
+    tx: optax.GradientTransformation
     init: Callable[[], TrainState]  # jitted, returns the sharded initial state
     abstract_state: Any  # ShapeDtypeStructs carrying the state shardings (restore target)
     train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]  # jitted, donates the state
@@ -256,7 +258,7 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh, probes: bool = True) -> Pr
         donate_argnums=0,
     )
     eval_step = jax.jit(make_eval_step(model), in_shardings=(state_sharding.params, batch_sharding))
-    program = Program(model, jax.jit(init, out_shardings=state_sharding), abstract, train_step, eval_step)
+    program = Program(model, tx, jax.jit(init, out_shardings=state_sharding), abstract, train_step, eval_step)
     return with_probes(program, cfg, mesh) if probes and cfg.probes.enabled else program
 
 
@@ -267,14 +269,13 @@ def with_probes(program: Program, cfg: ml_collections.ConfigDict, mesh: Mesh, du
 
     Raises ConfigError when a probes.sites or probes.dump_sites pattern matches no site of the model.
     """
-    tx = optimizer(cfg.optim, cfg.train.num_steps)
     state_sharding = jax.tree.map(lambda a: a.sharding, program.abstract_state)
     replicated = NamedSharding(mesh, PartitionSpec())
     spec = ProbeSpec.from_config(cfg.probes).for_platform(mesh.devices.flat[0].platform)
     dumping = dumps and bool(cfg.probes.dump_steps)
     if dumping:
         spec = spec.with_dumps(tuple(cfg.probes.dump_sites))
-    step = jax.jit(make_train_step(program.model, tx, cfg, spec))
+    step = jax.jit(make_train_step(program.model, program.tx, cfg, spec))
     _, _, blocks, dumped = step.eval_shape(program.abstract_state, batch_shapes(cfg, mesh))  # traced once
 
     def packed(with_dumps: bool) -> Any:
@@ -490,13 +491,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, floa
         jax.config.update("jax_compilation_cache_dir", str(data_lib.cache_dir() / "xla"))
     mesh = sharding.make_mesh(cfg)
     program = build(cfg, mesh, probes=False)
-    if not (workdir / "checkpoints").exists():  # a new run: the probe patterns are checked before any write
+    new_run = not (workdir / "checkpoints").exists()
+    if new_run:  # its probe patterns are checked before anything is written
         program = probes_left(program, cfg, mesh, 0)
     ckpt = Checkpoints(workdir, cfg.checkpoint)
     try:
         state, carried = restore_or_init(program, ckpt, batches, workdir)
         start = int(state.step)
-        if program.probe_step is None:
+        if not new_run:
             program = probes_left(program, cfg, mesh, start)
     except (CheckpointError, ConfigError):
         ckpt.close()

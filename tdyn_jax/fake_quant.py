@@ -75,13 +75,13 @@ def quantize_operand(x: jax.Array, fmt: Format, axis: int) -> tuple[jax.Array, j
         element, size, _ = BLOCK_FORMATS[fmt.name]
         blocks = to_blocks(x, axis, size)
         b, g = block_scales(blocks, fmt.name, absmax(x), axis)
-        q = cast(divide(blocks, b * g), element)[0] * b
+        q = cast(divide(blocks, b * g), element) * b
         return from_blocks(q, axis, x.shape[axis]), g
     if fmt.scaling == "er":  # the E/R-split GEMM: the directions x / ||x||, mapped onto the format's range
         s = scale_of(jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True)), fmt.name)
     else:
         s = scale(x, fmt.name, fmt.scaling, axis)
-    return cast(divide(x, s), fmt.name)[0], s
+    return cast(divide(x, s), fmt.name), s
 
 
 def product(x: jax.Array, y: jax.Array, fx: Format, fy: Format, dtype: jnp.dtype) -> jax.Array:

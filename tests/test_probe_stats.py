@@ -258,7 +258,16 @@ moments = jax.jit(stats.moments)
 exp_histogram = jax.jit(functools.partial(stats.exp_histogram, exp_min=EXP_MIN, exp_max=EXP_MAX))
 linear_histogram = jax.jit(stats.linear_histogram, static_argnums=1)
 uniform_sample = jax.jit(stats.uniform_sample, static_argnums=2)
-outlier_metrics = jax.jit(outliers.outlier_metrics, static_argnums=1)
+
+
+def _outlier_metrics(x, topk, rows):
+    """Every outlier metric of x, the median-based ones on the token rows `rows`, as the probed step
+    computes them: in place and, on the sampled rows, after the step."""
+    metrics, top = outliers.outlier_metrics(x, topk)
+    return metrics | outliers.sampled_outlier_metrics(outliers.token_rows(x, rows), top)
+
+
+outlier_metrics = jax.jit(_outlier_metrics, static_argnums=1)
 norms = jax.jit(energy.norms)
 correlation = jax.jit(energy.correlation)
 energy_stats = jax.jit(energy.energy_stats)
@@ -873,6 +882,10 @@ def test_range_loss(fmt):
     x = a.copy()
     x[1, 0, :6] = [464.0, np.nextafter(np.float32(464), np.float32(1e9)), 61440.0, 61439.0, 127.5, 127.49]
     x[1, 1, :3] = 0.0  # zeros are neither underflow (not counted) nor overflow
+    to_zero = f32([2.0**-10, 2.0**-17, 0.25, 0.5])  # the largest |y| that rounds to 0 in each format
+    x[1, 2, :16] = np.concatenate(
+        [to_zero, np.nextafter(to_zero, np.float32(1)), -to_zero, -np.nextafter(to_zero, np.float32(1))]
+    )
     for scaling, axis in (("none", -1), ("tensor", -1), ("channel", -1), ("channel", -2)):
         s = ref_scale(x, fmt, scaling, axis)
         under, over = (float(t) for t in range_loss(x, fmt, s))

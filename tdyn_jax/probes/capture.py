@@ -19,11 +19,12 @@ import jax.numpy as jnp
 from tdyn_jax.probes.energy import correlation, energy_stats, log_split, norms
 from tdyn_jax.probes.lowprec import absmax, lowprec_stats, per_row
 from tdyn_jax.probes.naming import SCANNED, unstacked
-from tdyn_jax.probes.outliers import outlier_metrics, token_rows
+from tdyn_jax.probes.outliers import outlier_metrics, sampled_outlier_metrics, token_rows
 from tdyn_jax.probes.spec import ProbeSpec
 from tdyn_jax.probes.stats import random_indices, seed_of
 
 Stats = dict[str, jax.Array]
+GRIDS = "grids"  # the collection of the sampled grids of matmuls whose statistics come after the step
 
 
 def _site(module: nn.Module, name: str | None) -> str:
@@ -114,7 +115,9 @@ def activation(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
     stats = spec.summary(x_, seed)
     if "outliers" in spec.stats:
         rows, stored = sample_indices(seed, x_.size // x_.shape[-1], spec.rows, ROWS)
-        stats |= outlier_metrics(x_, spec.topk, rows) | {"rows": stored}
+        metrics, top = outlier_metrics(x_, spec.topk)
+        stats |= metrics | {"rows": stored}
+        module.sow(GRIDS, name, {"x": token_rows(x_, rows), "top": top})
     _sow(module, name, stats)
     if spec.dumps(site):
         module.sow("dumps", f"{name}/dump", {"x": x})
@@ -167,9 +170,10 @@ def matmul(
     /R and /lowprec are computed on a grid of C: `probes.rows` rows and `probes.cols` columns sampled
     uniformly (stored with them as "rows", indices into the rows of C flattened to (rows, m), and
     "cols", indices into its m columns), so their cost grows with neither the tokens nor the width
-    (a vocabulary, the keys); the others cover the whole tensors. Returns c, gradient-tapped
-    (<site>/out/grad) when the spec asks for gradients. The site is the module path (+ `name`).
-    Outlier metrics are left to the activation sites.
+    (a vocabulary, the keys); the grids are sown to `GRIDS` and summarised after the step, with all
+    the grids of their shape (`grid_stats`). The other parts cover the whole tensors. Returns c,
+    gradient-tapped (<site>/out/grad) when the spec asks for gradients. The site is the module path
+    (+ `name`). Outlier metrics are left to the activation sites.
     """
     spec: ProbeSpec | None = module.probe
     site = _site(module, name)
@@ -205,15 +209,11 @@ def matmul(
         )
         parts["E"] = energy_stats(u, v) if grouped else energy_stats(u.reshape(1, -1), v[None])
         e_grid = u[jnp.unravel_index(rows, u.shape)][:, None] * per_row(per_group(v), rows.size)
-        c_grid = token_rows(out, rows, None if all_cols else cols).astype(jnp.float32)
-        parts["R"] = spec.summary(correlation(c_grid, e_grid), seeds[4], lin_range=(-1.0, 1.0))
-        parts["R"] |= log_split(c_grid, e_grid) | sampled
+        c_grid = token_rows(out, rows, None if all_cols else cols)
+        module.sow(GRIDS, prefix + "R", {"c": c_grid, "e": e_grid, "seed": seeds[4]} | sampled)
     if "lowprec" in spec.stats:
-        parts["lowprec"] = lowprec_stats(
-            (absmax(a), absmax(w)), a_rows, w_cols, formats=spec.formats, scalings=spec.scalings,
-            r_bits=spec.r_bits, e_frac_bits=spec.e_frac_bits,
-        )  # fmt: skip
-        parts["lowprec"] |= sampled
+        grid = {"a": a_rows, "w": w_cols, "amax": jnp.stack([absmax(a), absmax(w)])}
+        module.sow(GRIDS, prefix + "lowprec", grid | sampled)
     for part, stats in parts.items():
         _sow(module, prefix + part, stats)
     if spec.dumps(site):
@@ -223,6 +223,73 @@ def matmul(
             tensors |= {"E": e, "R": correlation(out, e)}
         module.sow("dumps", f"{prefix}dump", tensors)
     return grad_tap(module, f"{prefix}out/grad", c) if spec.grads else c
+
+
+def _stacked_summary(spec: ProbeSpec, stack: jax.Array, seeds: jax.Array, **kwargs: Any) -> Stats:
+    """`spec.summary` of each slice of `stack` along its leading axis, vmapped. Whether the stack is all
+    finite is decided once for the whole stack, outside the vmap (inside it, a `lax.cond` would run
+    both of its branches)."""
+    finite, masked = (jax.vmap(functools.partial(spec.summary, finite=f, **kwargs)) for f in (True, False))
+    all_finite = jnp.isfinite(jnp.sum(stack, dtype=jnp.float32))
+    return jax.lax.cond(all_finite, finite, masked, stack, seeds)
+
+
+def _correlation_stats(spec: ProbeSpec, grids: Stats) -> Stats:
+    """A matmul's /R part from grids of C and E: the summary of R on [-1, 1] and the log-variance split."""
+    c = grids["c"].astype(jnp.float32)
+    r = correlation(c, grids["e"])
+    return _stacked_summary(spec, r, grids["seed"], lin_range=(-1.0, 1.0)) | jax.vmap(log_split)(
+        c, grids["e"]
+    )
+
+
+def _lowprec_stats(spec: ProbeSpec, grids: Stats) -> Stats:
+    """A matmul's /lowprec part from grids of A's rows, W's columns and the absmax of both."""
+    one = lambda a, w, amax: lowprec_stats(
+        (amax[0], amax[1]), a, w, formats=spec.formats, scalings=spec.scalings, r_bits=spec.r_bits,
+        e_frac_bits=spec.e_frac_bits,
+    )  # fmt: skip
+    return jax.vmap(one)(grids["a"], grids["w"], grids["amax"])
+
+
+def _outlier_stats(spec: ProbeSpec, grids: Stats) -> Stats:
+    """An activation's median-based outlier metrics from its sampled token rows and top values."""
+    del spec
+    return jax.vmap(sampled_outlier_metrics)(grids["x"], grids["top"])
+
+
+GRID_KINDS = {"c": _correlation_stats, "a": _lowprec_stats, "x": _outlier_stats}  # by the first tensor
+PASSED = ("rows", "cols")  # sampled indices, stored with the statistics as they are
+
+
+def grid_stats(spec: ProbeSpec, grids: Blocks) -> Blocks:
+    """The statistics of the sampled grids that the sites sow (`GRIDS`, see `activation` and `matmul`),
+    computed after the step: one computation vmapped over all the grids of one kind and shape, so
+    that the compiled step holds a copy per distinct shape rather than one per site, and each pass
+    over the grids is one large operation rather than one small one per site."""
+    classes: dict[tuple, list[tuple[str, ...]]] = {}
+    for names, grid in sorted(grids.items()):
+        key = tuple((k, t.shape[1:], t.dtype) for k, t in sorted(grid.items()) if k not in PASSED)
+        classes.setdefault(key, []).append(names)
+    out = {}
+    for key, members in classes.items():
+        stacked = {k: jnp.concatenate([grids[m][k] for m in members]) for k, _, _ in key}
+        kind = next(k for k in GRID_KINDS if k in stacked)
+        stats, start = GRID_KINDS[kind](spec, stacked), 0
+        for m in members:
+            out[m] = {k: v[start : start + len(m)] for k, v in stats.items()}
+            out[m] |= {k: grids[m][k] for k in PASSED if k in grids[m]}
+            start += len(m)
+    return out
+
+
+def merged(*blocks: Blocks) -> Blocks:
+    """Blocks of statistics joined, the statistics of a site from several sets in one block."""
+    out: Blocks = {}
+    for part in blocks:
+        for names, stats in part.items():
+            out[names] = out.get(names, {}) | stats
+    return out
 
 
 def _walk(tree: dict, path: tuple[str, ...]):
@@ -274,9 +341,7 @@ def tree_stats(spec: ProbeSpec, trees: dict[str, Any], seed: jax.Array) -> Block
     out = {}
     for g, (sites, stack) in enumerate(stacks.items()):
         seeds = seed + jnp.uint32(1000 * g) + jnp.arange(len(sites), dtype=jnp.uint32)
-        finite, masked = (jax.vmap(functools.partial(spec.summary, finite=f)) for f in (True, False))
-        all_finite = jnp.isfinite(jnp.sum(stack, dtype=jnp.float32))
-        out[sites] = jax.lax.cond(all_finite, finite, masked, stack, seeds)
+        out[sites] = _stacked_summary(spec, stack, seeds)
     return out
 
 

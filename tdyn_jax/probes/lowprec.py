@@ -14,12 +14,13 @@ from tdyn_jax.probes.energy import correlation, norms
 from tdyn_jax.probes.stats import count
 
 # name -> (dtype of the cast or None for integers, largest finite magnitude, the smallest magnitude
-# that rounds beyond it (to nearest, ties to even: E4M3's 448 has an even mantissa, so 464 stays))
+# that rounds beyond it, the largest that rounds to 0 (half the smallest subnormal); to nearest, ties
+# to even: E4M3's 448 has an even mantissa, so 464 stays, and a tie with 0 rounds to 0)
 FORMATS = {
-    "e4m3": (jnp.float8_e4m3fn, 448.0, float(np.nextafter(np.float32(464.0), np.float32(np.inf)))),
-    "e5m2": (jnp.float8_e5m2, 57344.0, 61440.0),
-    "e2m1": (jnp.float4_e2m1fn, 6.0, 7.0),
-    "int8": (None, 127.0, 127.5),
+    "e4m3": (jnp.float8_e4m3fn, 448.0, float(np.nextafter(np.float32(464.0), np.float32(np.inf))), 2.0**-10),
+    "e5m2": (jnp.float8_e5m2, 57344.0, 61440.0, 2.0**-17),
+    "e2m1": (jnp.float4_e2m1fn, 6.0, 7.0, 0.25),
+    "int8": (None, 127.0, 127.5, 0.5),
 }
 SCALINGS = ("none", "tensor", "channel", "er")
 E_BITS = 8  # bits of the log-domain code of E when C is stored as E and R
@@ -64,13 +65,14 @@ def quantize(x: jax.Array, fmt: str, s: jax.Array, zeros: jax.Array | None = Non
     """(q, underflow, overflow): q = x / s rounded to the format (nearest, ties to even), saturated to
     its largest magnitude, times s; underflow = the fraction of nonzero x with q = 0; overflow = the
     fraction of all x whose x / s rounds beyond the largest magnitude (those saturate). One cast of x;
-    `zeros`, the count of x == 0, may be given (it is the same for every format and scale). Where s
-    is 0 (a block scale that underflowed), q is 0."""
+    both fractions from |x / s| against the format's thresholds (a comparison is cheaper than another
+    cast). `zeros`, the count of x == 0, may be given (it is the same for every format and scale).
+    Where s is 0 (a block scale that underflowed), q is 0."""
     y = divide(x, s)
-    q, rounded, within = cast(y, fmt)
+    _, _, beyond, to_zero = FORMATS[fmt]
     zeros = count(x == 0) if zeros is None else zeros
-    under = (count(rounded == 0) - zeros) / jnp.maximum(x.size - zeros, 1.0)  # zeros round to 0
-    return q * s, under, count(~within) / jnp.float32(x.size)
+    under = (count(jnp.abs(y) <= to_zero) - zeros) / jnp.maximum(x.size - zeros, 1.0)  # zeros round to 0
+    return cast(y, fmt) * s, under, count(~(jnp.abs(y) < beyond)) / jnp.float32(x.size)  # nan: beyond
 
 
 def divide(x: jax.Array, s: jax.Array) -> jax.Array:
@@ -78,13 +80,12 @@ def divide(x: jax.Array, s: jax.Array) -> jax.Array:
     return jnp.where(s > 0, x.astype(jnp.float32) / jnp.where(s > 0, s, 1.0), 0.0)
 
 
-def cast(y: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(q, rounded, within): y (float32) rounded to the format (nearest, ties to even) and saturated
-    to its largest magnitude; the rounding alone; whether y rounds within the range."""
-    dtype, top, beyond = FORMATS[fmt]
+def cast(y: jax.Array, fmt: str) -> jax.Array:
+    """y (float32) rounded to the format (nearest, ties to even) and saturated to its largest magnitude."""
+    dtype, top, beyond, _ = FORMATS[fmt]
     rounded = jnp.round(y) if dtype is None else y.astype(dtype).astype(jnp.float32)
     within = jnp.abs(y) < beyond  # beyond the range an FP8 cast gives nan, an FP4 cast saturates
-    return jnp.where(within, rounded, jnp.clip(y, -top, top)), rounded, within
+    return jnp.where(within, rounded, jnp.clip(y, -top, top))
 
 
 def to_blocks(x: jax.Array, axis: int, size: int) -> jax.Array:

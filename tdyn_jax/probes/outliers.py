@@ -51,21 +51,18 @@ def token_rows(x: jax.Array, rows: jax.Array, cols: jax.Array | None = None) -> 
     return x[(*(t[:, None] for t in tokens), cols[None, :])]
 
 
-def outlier_metrics(x: jax.Array, topk: int, rows: jax.Array) -> dict[str, jax.Array]:
-    """Outlier metrics of x (tokens..., d channels): the leading axes are tokens, the last the channels.
-
-    `rows` (int, any length) are the tokens on which the two median-based metrics are estimated; the
-    others use every token.
+def outlier_metrics(x: jax.Array, topk: int) -> tuple[dict[str, jax.Array], jax.Array]:
+    """(metrics, top): the outlier metrics of x (tokens..., d channels) that need every token, and the
+    topk largest |x| (for massive_ratio, see `sampled_outlier_metrics`). The leading axes are tokens,
+    the last the channels.
     - rms_kurtosis (He et al. 2024, "Understanding and Minimising Outlier Features"): with
       s_j = sqrt(mean_i x_ij^2) the RMS of channel j, Kurt = mean_j(s_j^4) / mean_j(s_j^2)^2;
       1 when every channel has the same RMS, up to d when one channel carries all of it.
-    - max_median_ratio (same paper): mean_i [ max_j |x_ij| / median_j |x_ij| ] over the tokens `rows`.
     - int8_outlier_channels (Dettmers et al. 2022, LLM.int8()): the number of channels j with
       |x_ij| >= 6 in at least 6% of the tokens i.
-    - massive_ratio, massive_channel, massive_token (Sun et al. 2024, "Massive Activations"): the topk
-      largest |x_ij| (exact: they lie in the topk tokens by largest |x_ij|) divided by median |x| over
-      the tokens `rows`, largest first, with the channel j and the token i (row of the flattened tokens)
-      of each.
+    - massive_channel, massive_token (Sun et al. 2024, "Massive Activations"): the channel j and the
+      token i (row of the flattened tokens) of each of the topk largest |x_ij| (exact: they lie in the
+      topk tokens by largest |x_ij|), largest first.
     """
     d, tokens_axes = x.shape[-1], tuple(range(x.ndim - 1))
     a = jnp.abs(x.astype(jnp.float32))
@@ -75,12 +72,23 @@ def outlier_metrics(x: jax.Array, topk: int, rows: jax.Array) -> dict[str, jax.A
     row_max = jnp.max(a, axis=-1).reshape(-1)  # per token: small
     _, tokens = jax.lax.top_k(row_max, topk)  # no other token holds one of the topk values
     top, flat = jax.lax.top_k(token_rows(a, tokens).reshape(-1), topk)
-    sampled = token_rows(a, rows)
-    return {
+    metrics = {
         "rms_kurtosis": kurt,
-        "max_median_ratio": jnp.mean(jnp.max(sampled, axis=1) / median(sampled)),
         "int8_outlier_channels": int8,
-        "massive_ratio": top / median(sampled.reshape(-1)),
         "massive_channel": (flat % d).astype(jnp.float32),
         "massive_token": tokens[flat // d].astype(jnp.float32),
+    }
+    return metrics, top
+
+
+def sampled_outlier_metrics(rows: jax.Array, top: jax.Array) -> dict[str, jax.Array]:
+    """The median-based outlier metrics, estimated on x at sampled tokens `rows` (r, d), with `top`
+    the topk largest |x| over every token (see `outlier_metrics`):
+    - max_median_ratio (He et al. 2024): mean_i [ max_j |x_ij| / median_j |x_ij| ] over the rows;
+    - massive_ratio (Sun et al. 2024): top / median |x| over the rows, largest first.
+    """
+    a = jnp.abs(rows.astype(jnp.float32))
+    return {
+        "max_median_ratio": jnp.mean(jnp.max(a, axis=1) / median(a)),
+        "massive_ratio": top / median(a.reshape(-1)),
     }

@@ -14,6 +14,7 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 import jax  # noqa: E402 (after XLA_FLAGS)
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from filelock import FileLock  # noqa: E402
 
@@ -55,6 +56,28 @@ def snapshot(root):
 def run_cmd(workdir, *overrides):
     """The run.py command line of a tiny run in `workdir`."""
     return [sys.executable, "run.py", "--config=configs/tiny.py", f"--workdir={workdir}", *overrides]
+
+
+def metric_rows(workdir):
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def leaves(tree, prefix=""):
+    """{path: array} of a nested dict of arrays (a restored parameter tree)."""
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(leaves(v, f"{prefix}/{k}"))
+        return out
+    return {prefix: np.asarray(tree)}
+
+
+def start_tiny(workdir, log, *overrides):
+    """A tiny run started in the background, its output in the file `log` (a pipe nobody reads while
+    the test does other work could fill and stall it)."""
+    with open(log, "w") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(run_cmd(workdir, *overrides), cwd=ROOT, env=ENV, stdout=out, stderr=out)
 
 
 def run_tiny(workdir, *overrides):

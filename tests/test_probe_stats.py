@@ -272,7 +272,7 @@ norms = jax.jit(energy.norms)
 correlation = jax.jit(energy.correlation)
 energy_stats = jax.jit(energy.energy_stats)
 log_split = jax.jit(energy.log_split)
-quantize = jax.jit(lambda x, fmt, s: lowprec.quantize(x, fmt, s)[0], static_argnums=1)
+quantize = jax.jit(lambda x, fmt, s: lowprec.quantize(x, fmt, s)[0] * s, static_argnums=1)
 range_loss = jax.jit(lambda x, fmt, s: lowprec.quantize(x, fmt, s)[1:], static_argnums=1)
 scale = jax.jit(lowprec.scale, static_argnums=(1, 2, 3))
 _lowprec_stats = jax.jit(

@@ -62,9 +62,10 @@ def scale(x: jax.Array, fmt: str, scaling: str, axis: int) -> jax.Array:
 
 
 def quantize(x: jax.Array, fmt: str, s: jax.Array, zeros: jax.Array | None = None) -> tuple[jax.Array, ...]:
-    """(q, underflow, overflow): q = x / s rounded to the format (nearest, ties to even), saturated to
-    its largest magnitude, times s; underflow = the fraction of nonzero x with q = 0; overflow = the
-    fraction of all x whose x / s rounds beyond the largest magnitude (those saturate). One cast of x;
+    """(q, underflow, overflow): q = x / s rounded to the format (nearest, ties to even) and saturated
+    to its largest magnitude, the format's codes (q * s approximates x); underflow = the fraction of
+    nonzero x with q = 0; overflow = the fraction of all x whose x / s rounds beyond the largest
+    magnitude (those saturate). One cast of x;
     both fractions from |x / s| against the format's thresholds (a comparison is cheaper than another
     cast). `zeros`, the count of x == 0, may be given (it is the same for every format and scale).
     Where s is 0 (a block scale that underflowed), q is 0."""
@@ -72,7 +73,7 @@ def quantize(x: jax.Array, fmt: str, s: jax.Array, zeros: jax.Array | None = Non
     _, _, beyond, to_zero = FORMATS[fmt]
     zeros = count(x == 0) if zeros is None else zeros
     under = (count(jnp.abs(y) <= to_zero) - zeros) / jnp.maximum(x.size - zeros, 1.0)  # zeros round to 0
-    return cast(y, fmt) * s, under, count(~(jnp.abs(y) < beyond)) / jnp.float32(x.size)  # nan: beyond
+    return cast(y, fmt), under, count(~(jnp.abs(y) < beyond)) / jnp.float32(x.size)  # nan: beyond
 
 
 def divide(x: jax.Array, s: jax.Array) -> jax.Array:
@@ -150,20 +151,28 @@ def quantize_blocks(
     zeros = (count(x == 0) if zeros is None else zeros) + (blocks.size - x.size)  # with the padding
     b, g = block_scales(blocks, fmt, tensor_amax, axis)
     q, under, over = quantize(blocks, element, b * g, zeros)
+    q = q * (b * g)
     return from_blocks(q, axis, x.shape[axis]), under, over * blocks.size / x.size, block_range(blocks, axis)
 
 
-def _rows_matmul(a: jax.Array, w: jax.Array) -> jax.Array:
+def _rows_matmul(a: jax.Array, w: jax.Array, codes: bool = False) -> jax.Array:
     """a (r, k) times w: one (k, m) matrix for all rows, or w[j] for the j-th of G equal runs of the
-    rows, w (G, k, m)."""
+    rows, w (G, k, m); in float32. With `codes` (both hold values of an 8- or 4-bit format of
+    FORMATS, exact in bfloat16, whose products are exact in float32), from bfloat16 inputs with
+    float32 accumulation: the same sums, at the speed of bfloat16 matmuls."""
+    if codes:
+        a, w = a.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+        mm = lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32)
+    else:
+        mm = lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
     if w.ndim == 2:
-        return jnp.matmul(a, w, precision=jax.lax.Precision.HIGHEST)
-    runs = a.reshape(w.shape[0], -1, a.shape[-1])
-    return jnp.matmul(runs, w, precision=jax.lax.Precision.HIGHEST).reshape(a.shape[0], -1)
+        return mm(a, w)
+    return mm(a.reshape(w.shape[0], -1, a.shape[-1]), w).reshape(a.shape[0], -1)
 
 
 def per_row(v: jax.Array, rows: int) -> jax.Array:
-    """Column norms v (m,) or (G, m) of the W of each of `rows` rows (see `_rows_matmul`)."""
+    """Per-column values v (m,) or (G, m) (norms, scales) of the W of each of `rows` rows (see
+    `_rows_matmul`): v itself, or its G rows repeated in runs to (rows, m)."""
     return v if v.ndim == 1 else jnp.repeat(v, rows // v.shape[0], axis=0)
 
 
@@ -217,7 +226,10 @@ def _format_stats(
     def one_scaling(scales: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
         qa, a_under, a_over = quantize(a_rows, fmt, scales[0], a_zeros)
         qw, w_under, w_over = quantize(w_cols, fmt, scales[1], w_zeros)
-        return a_under, a_over, w_under, w_over, rel_error(_rows_matmul(qa, qw), exact)
+        # the codes' product, then the scales of its rows (A's) and columns (W's, per run of rows)
+        col_scales = per_row(scales[1].reshape(-1, w_cols.shape[-1]), a_rows.shape[0])
+        approx = _rows_matmul(qa, qw, codes=True) * scales[0] * col_scales
+        return a_under, a_over, w_under, w_over, rel_error(approx, exact)
 
     a_under, a_over, w_under, w_over, errors = jax.lax.map(one_scaling, (sa, sw))
     out = {}
@@ -254,7 +266,7 @@ def _block_format_stats(
 def _stored(c: jax.Array, fmt: str, s: jax.Array, zeros: jax.Array) -> tuple[jax.Array, ...]:
     """(underflow, overflow, error) of c stored in `fmt` with scale s."""
     q, under, over = quantize(c, fmt, s, zeros)
-    return under, over, rel_error(q, c)
+    return under, over, rel_error(q * s, c)
 
 
 def _store_stats(c: jax.Array, formats: tuple[str, ...]) -> dict[str, jax.Array]:

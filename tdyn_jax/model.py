@@ -228,7 +228,7 @@ class Transformer(nn.Module):
         if c.scan_layers:
             stack = nn.scan(
                 block,
-                variable_axes={"params": 0, "intermediates": 0, capture.GRIDS: 0, "grad_taps": 0, "dumps": 0},
+                variable_axes={"params": 0, "intermediates": 0, "grad_taps": 0, "dumps": 0},
                 split_rngs={"params": True, "probe": True},
                 length=c.num_layers,
                 unroll=c.num_layers if c.scan_unroll else 1,

@@ -89,7 +89,7 @@ def make_train_step(
             return cross_entropy(logits, batch["targets"], cfg.optim.z_loss)
         logits, sown = probed.apply(
             {"params": params, "grad_taps": taps}, batch["inputs"], rngs={"probe": key},
-            mutable=["intermediates", capture.GRIDS, "dumps"],
+            mutable=["intermediates", "dumps"],
         )  # fmt: skip
         loss, parts = cross_entropy(logits, batch["targets"], cfg.optim.z_loss)
         return loss, (parts, sown)
@@ -124,10 +124,7 @@ def make_train_step(
         new_state = TrainState(state.step + 1, params, opt_state)
         if probe is None:
             return new_state, metrics
-        grids = capture.grid_stats(probe, capture.sites(sown.get(capture.GRIDS, {})))
-        captured = capture.merged(
-            capture.sites(sown.get("intermediates", {})), capture.sites(tap_grads), grids
-        )
+        captured = capture.merged(capture.sites(sown.get("intermediates", {})), capture.sites(tap_grads))
         if probe.params:
             trees = {"params": state.params, "grads": grads, "updates": updates}
             nu = second_moment(opt_state)

@@ -3,7 +3,9 @@
 Every helper takes the calling Flax module; it does nothing unless the module's `probe` spec is set
 and wants the site. Statistics go to the `intermediates` collection (one variable per site), full
 tensors of dumped sites to `dumps`, and activation gradients come back as the gradient of a zero
-`grad_taps` variable whose cotangent is the statistics of dL/dx (a `custom_vjp` identity).
+`grad_taps` variable whose cotangent is the statistics of dL/dx (a `custom_vjp` identity). The
+statistics of sampled grids (a matmul's R and low-precision parts, an activation's medians) come back
+the same way: computed in the backward pass, next to it (`deferred`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from tdyn_jax.probes.spec import ProbeSpec
 from tdyn_jax.probes.stats import random_indices, seed_of
 
 Stats = dict[str, jax.Array]
-GRIDS = "grids"  # the collection of the sampled grids of matmuls whose statistics come after the step
 
 
 def _site(module: nn.Module, name: str | None) -> str:
@@ -101,6 +102,36 @@ def grad_tap(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
     return _tap(spec, x, slot.value, seed)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _deferred(fn: Any, x: jax.Array, slot: tuple[Stats], grid: Stats) -> jax.Array:
+    del slot, grid
+    return x
+
+
+def _deferred_fwd(fn, x, slot, grid):
+    del slot
+    return x, grid
+
+
+def _deferred_bwd(fn, grid, g):
+    return g, (fn(grid),), None
+
+
+_deferred.defvjp(_deferred_fwd, _deferred_bwd)
+
+
+def deferred(module: nn.Module, name: str, fn: Any, grid: Stats, x: jax.Array) -> jax.Array:
+    """Identity on x whose backward pass computes fn(grid) where dL/dx is ready, and stores it as the
+    gradient of the zero variable grad_taps/<name>: statistics of the forward pass computed while the
+    backward pass runs (on a CPU, where the backward pass leaves a core idle, next to it)."""
+
+    def zeros() -> tuple[Stats]:
+        return (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, grid)),)
+
+    slot = module.variable("grad_taps", name, zeros)
+    return _deferred(fn, x, slot.value, grid)
+
+
 def activation(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
     """Statistics of an activation x at site <module path>/<name> (+ outlier metrics over its last
     axis as channels); returns x, gradient-tapped when the spec asks for gradients."""
@@ -108,19 +139,18 @@ def activation(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
     site = _site(module, name)
     if spec is None or not spec.wants(site):
         return x
-    if spec.taps_only:
-        return grad_tap(module, f"{name}/grad", x) if spec.grads else x
     x_ = jax.lax.stop_gradient(x)
     seed = seed_of(module.make_rng("probe"))
-    stats = spec.summary(x_, seed)
     if "outliers" in spec.stats:
         rows, stored = sample_indices(seed, x_.size // x_.shape[-1], spec.rows, ROWS)
         metrics, top = outlier_metrics(x_, spec.topk)
-        stats |= metrics | {"rows": stored}
-        module.sow(GRIDS, name, {"x": token_rows(x_, rows), "top": top})
-    _sow(module, name, stats)
-    if spec.dumps(site):
-        module.sow("dumps", f"{name}/dump", {"x": x})
+        grid = {"x": token_rows(x_, rows), "top": top}
+        x = deferred(module, name, lambda g: sampled_outlier_metrics(g["x"], g["top"]), grid, x)
+    if not spec.taps_only:
+        stats = spec.summary(x_, seed)
+        _sow(module, name, stats | (metrics | {"rows": stored} if "outliers" in spec.stats else {}))
+        if spec.dumps(site):
+            module.sow("dumps", f"{name}/dump", {"x": x})
     return grad_tap(module, f"{name}/grad", x) if spec.grads else x
 
 
@@ -170,25 +200,21 @@ def matmul(
     /R and /lowprec are computed on a grid of C: `probes.rows` rows and `probes.cols` columns sampled
     uniformly (stored with them as "rows", indices into the rows of C flattened to (rows, m), and
     "cols", indices into its m columns), so their cost grows with neither the tokens nor the width
-    (a vocabulary, the keys); the grids are sown to `GRIDS` and summarised after the step, with all
-    the grids of their shape (`grid_stats`). The other parts cover the whole tensors. Returns c,
-    gradient-tapped (<site>/out/grad) when the spec asks for gradients. The site is the module path
-    (+ `name`). Outlier metrics are left to the activation sites.
+    (a vocabulary, the keys); they are computed in the backward pass (`deferred`), and the indices
+    sown. The other parts cover the whole tensors. Returns c, gradient-tapped (<site>/out/grad) when
+    the spec asks for gradients. The site is the module path (+ `name`). Outlier metrics are left to
+    the activation sites.
     """
     spec: ProbeSpec | None = module.probe
     site = _site(module, name)
     if spec is None or not spec.wants(site):
         return c
     prefix = f"{name}/" if name else ""
-    if spec.taps_only:
-        return grad_tap(module, f"{prefix}out/grad", c) if spec.grads else c
     a, w, out = (jax.lax.stop_gradient(t) for t in (a, w, c))  # as they are: no float32 copies
     seed = seed_of(module.make_rng("probe"))
     seeds = [seed + jnp.uint32(i) for i in range(5)]  # one per part: their samples differ
     grouped = w.ndim == 3
     k = w.shape[-2]
-    parts = {"in": spec.summary(a, seeds[0])} if with_input else {}
-    parts["out"] = spec.summary(out, seeds[1])
     cols, stored_cols = sample_indices(seed, w.shape[-1], spec.cols, COLS)
     all_cols = cols.size == w.shape[-1]
     take_cols = (lambda t: t) if all_cols else (lambda t: jnp.take(t, cols, axis=-1))
@@ -202,18 +228,26 @@ def matmul(
     a_rows, w_cols = token_rows(a, rows), per_group(w)
     if "energy" in spec.stats:
         u, v = norms(a, w)  # a.shape[:-1], (m,) or (g, m)
+        e_grid = u[jnp.unravel_index(rows, u.shape)][:, None] * per_row(per_group(v), rows.size)
+        grid = {"c": token_rows(out, rows, None if all_cols else cols), "e": e_grid, "seed": seeds[4]}
+        c = deferred(module, prefix + "R", functools.partial(_correlation_stats, spec), grid, c)
+    if "lowprec" in spec.stats:
+        grid = {"a": a_rows, "w": w_cols, "amax": jnp.stack([absmax(a), absmax(w)])}
+        c = deferred(module, prefix + "lowprec", functools.partial(_lowprec_stats, spec), grid, c)
+    if spec.taps_only:
+        return grad_tap(module, f"{prefix}out/grad", c) if spec.grads else c
+    parts = {"in": spec.summary(a, seeds[0])} if with_input else {}
+    parts["out"] = spec.summary(out, seeds[1])
+    for part, group in (("R", "energy"), ("lowprec", "lowprec")):  # their indices; the statistics come
+        if group in spec.stats:  # with the backward pass
+            parts[part] = sampled
+    if "energy" in spec.stats:
         log_only = frozenset({"exp_hist"})  # the norms' moments and dynamic range
         parts["a_norm"], parts["w_norm"] = (
             spec.summary(u, seeds[2], only=log_only),
             spec.summary(v, seeds[3], only=log_only),
         )
         parts["E"] = energy_stats(u, v) if grouped else energy_stats(u.reshape(1, -1), v[None])
-        e_grid = u[jnp.unravel_index(rows, u.shape)][:, None] * per_row(per_group(v), rows.size)
-        c_grid = token_rows(out, rows, None if all_cols else cols)
-        module.sow(GRIDS, prefix + "R", {"c": c_grid, "e": e_grid, "seed": seeds[4]} | sampled)
-    if "lowprec" in spec.stats:
-        grid = {"a": a_rows, "w": w_cols, "amax": jnp.stack([absmax(a), absmax(w)])}
-        module.sow(GRIDS, prefix + "lowprec", grid | sampled)
     for part, stats in parts.items():
         _sow(module, prefix + part, stats)
     if spec.dumps(site):
@@ -225,62 +259,20 @@ def matmul(
     return grad_tap(module, f"{prefix}out/grad", c) if spec.grads else c
 
 
-def _stacked_summary(spec: ProbeSpec, stack: jax.Array, seeds: jax.Array, **kwargs: Any) -> Stats:
-    """`spec.summary` of each slice of `stack` along its leading axis, vmapped. Whether the stack is all
-    finite is decided once for the whole stack, outside the vmap (inside it, a `lax.cond` would run
-    both of its branches)."""
-    finite, masked = (jax.vmap(functools.partial(spec.summary, finite=f, **kwargs)) for f in (True, False))
-    all_finite = jnp.isfinite(jnp.sum(stack, dtype=jnp.float32))
-    return jax.lax.cond(all_finite, finite, masked, stack, seeds)
+def _correlation_stats(spec: ProbeSpec, grid: Stats) -> Stats:
+    """A matmul's /R part from a grid of C and its E: the summary of R on [-1, 1] and the log-variance
+    split."""
+    c = grid["c"].astype(jnp.float32)
+    r_stats = spec.summary(correlation(c, grid["e"]), grid["seed"], lin_range=(-1.0, 1.0))
+    return r_stats | log_split(c, grid["e"])
 
 
-def _correlation_stats(spec: ProbeSpec, grids: Stats) -> Stats:
-    """A matmul's /R part from grids of C and E: the summary of R on [-1, 1] and the log-variance split."""
-    c = grids["c"].astype(jnp.float32)
-    r = correlation(c, grids["e"])
-    return _stacked_summary(spec, r, grids["seed"], lin_range=(-1.0, 1.0)) | jax.vmap(log_split)(
-        c, grids["e"]
-    )
-
-
-def _lowprec_stats(spec: ProbeSpec, grids: Stats) -> Stats:
-    """A matmul's /lowprec part from grids of A's rows, W's columns and the absmax of both."""
-    one = lambda a, w, amax: lowprec_stats(
-        (amax[0], amax[1]), a, w, formats=spec.formats, scalings=spec.scalings, r_bits=spec.r_bits,
-        e_frac_bits=spec.e_frac_bits,
+def _lowprec_stats(spec: ProbeSpec, grid: Stats) -> Stats:
+    """A matmul's /lowprec part from a grid of A's rows, W's columns and the absmax of both."""
+    return lowprec_stats(
+        (grid["amax"][0], grid["amax"][1]), grid["a"], grid["w"], formats=spec.formats,
+        scalings=spec.scalings, r_bits=spec.r_bits, e_frac_bits=spec.e_frac_bits,
     )  # fmt: skip
-    return jax.vmap(one)(grids["a"], grids["w"], grids["amax"])
-
-
-def _outlier_stats(spec: ProbeSpec, grids: Stats) -> Stats:
-    """An activation's median-based outlier metrics from its sampled token rows and top values."""
-    del spec
-    return jax.vmap(sampled_outlier_metrics)(grids["x"], grids["top"])
-
-
-GRID_KINDS = {"c": _correlation_stats, "a": _lowprec_stats, "x": _outlier_stats}  # by the first tensor
-PASSED = ("rows", "cols")  # sampled indices, stored with the statistics as they are
-
-
-def grid_stats(spec: ProbeSpec, grids: Blocks) -> Blocks:
-    """The statistics of the sampled grids that the sites sow (`GRIDS`, see `activation` and `matmul`),
-    computed after the step: one computation vmapped over all the grids of one kind and shape, so
-    that the compiled step holds a copy per distinct shape rather than one per site, and each pass
-    over the grids is one large operation rather than one small one per site."""
-    classes: dict[tuple, list[tuple[str, ...]]] = {}
-    for names, grid in sorted(grids.items()):
-        key = tuple((k, t.shape[1:], t.dtype) for k, t in sorted(grid.items()) if k not in PASSED)
-        classes.setdefault(key, []).append(names)
-    out = {}
-    for key, members in classes.items():
-        stacked = {k: jnp.concatenate([grids[m][k] for m in members]) for k, _, _ in key}
-        kind = next(k for k in GRID_KINDS if k in stacked)
-        stats, start = GRID_KINDS[kind](spec, stacked), 0
-        for m in members:
-            out[m] = {k: v[start : start + len(m)] for k, v in stats.items()}
-            out[m] |= {k: grids[m][k] for k in PASSED if k in grids[m]}
-            start += len(m)
-    return out
 
 
 def merged(*blocks: Blocks) -> Blocks:
@@ -341,7 +333,9 @@ def tree_stats(spec: ProbeSpec, trees: dict[str, Any], seed: jax.Array) -> Block
     out = {}
     for g, (sites, stack) in enumerate(stacks.items()):
         seeds = seed + jnp.uint32(1000 * g) + jnp.arange(len(sites), dtype=jnp.uint32)
-        out[sites] = _stacked_summary(spec, stack, seeds)
+        finite, masked = (jax.vmap(functools.partial(spec.summary, finite=f)) for f in (True, False))
+        all_finite = jnp.isfinite(jnp.sum(stack, dtype=jnp.float32))
+        out[sites] = jax.lax.cond(all_finite, finite, masked, stack, seeds)
     return out
 
 

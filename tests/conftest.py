@@ -35,6 +35,16 @@ DUMP_STEP = 2
 DUMP_SITES = ("layer_01/resid/out", "layer_00/mlp/up")
 
 
+# the files of many subprocess runs go first, so that the two test workers (a file each at a time) do
+# not end on one long file; the first needs the session's tiny run, the second does not
+FIRST = ("test_distributed.py", "test_failures.py", "test_run.py", "test_mistakes.py", "test_scripts.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Puts the tests of the FIRST files first, in that order (within a file the order is kept)."""
+    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))
+
+
 def saved_params(workdir, step):
     """The parameters of checkpoint `step` of a run, restored on one device."""
     import orbax.checkpoint as ocp

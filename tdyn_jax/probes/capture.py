@@ -71,65 +71,46 @@ def group_rows(seed: jax.Array, g: int, n: int, size: int) -> tuple[jax.Array, j
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _tap(spec: ProbeSpec, x: jax.Array, slot: tuple[Stats], seed: jax.Array) -> jax.Array:
-    del slot, seed
+def _tap(fn: Any, x: jax.Array, slot: tuple[Stats], residual: Any) -> jax.Array:
+    del slot, residual
     return x
 
 
-def _tap_fwd(spec, x, slot, seed):
+def _tap_fwd(fn, x, slot, residual):
     del slot
-    return x, seed
+    return x, residual
 
 
-def _tap_bwd(spec, seed, g):
-    return g, (spec.summary(g, seed),), None
+def _tap_bwd(fn, residual, g):
+    return g, (fn(residual, g),), None
 
 
 _tap.defvjp(_tap_fwd, _tap_bwd)
 
 
-def grad_tap(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
-    """Identity on x whose backward pass stores the statistics of dL/dx as the gradient of the zero
+def _tapped(module: nn.Module, name: str, fn: Any, residual: Any, x: jax.Array) -> jax.Array:
+    """Identity on x whose backward pass stores fn(residual, dL/dx) as the gradient of the zero
     variable grad_taps/<name> (the caller differentiates with respect to that collection too)."""
-    seed = seed_of(module.make_rng("probe"))
-    spec = module.probe
 
     def zeros() -> tuple[Stats]:
-        shapes = jax.eval_shape(lambda: spec.summary(x, seed))
+        shapes = jax.eval_shape(fn, residual, x)
         return (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),)
 
     slot = module.variable("grad_taps", name, zeros)
-    return _tap(spec, x, slot.value, seed)
+    return _tap(fn, x, slot.value, residual)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _deferred(fn: Any, x: jax.Array, slot: tuple[Stats], grid: Stats) -> jax.Array:
-    del slot, grid
-    return x
-
-
-def _deferred_fwd(fn, x, slot, grid):
-    del slot
-    return x, grid
-
-
-def _deferred_bwd(fn, grid, g):
-    return g, (fn(grid),), None
-
-
-_deferred.defvjp(_deferred_fwd, _deferred_bwd)
+def grad_tap(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
+    """Identity on x whose backward pass stores the statistics of dL/dx (grad_taps/<name>)."""
+    spec = module.probe
+    return _tapped(module, name, lambda seed, g: spec.summary(g, seed), seed_of(module.make_rng("probe")), x)
 
 
 def deferred(module: nn.Module, name: str, fn: Any, grid: Stats, x: jax.Array) -> jax.Array:
-    """Identity on x whose backward pass computes fn(grid) where dL/dx is ready, and stores it as the
-    gradient of the zero variable grad_taps/<name>: statistics of the forward pass computed while the
-    backward pass runs (on a CPU, where the backward pass leaves a core idle, next to it)."""
-
-    def zeros() -> tuple[Stats]:
-        return (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, grid)),)
-
-    slot = module.variable("grad_taps", name, zeros)
-    return _deferred(fn, x, slot.value, grid)
+    """Identity on x whose backward pass computes fn(grid) where dL/dx is ready (grad_taps/<name>):
+    statistics of the forward pass computed while the backward pass runs (on a CPU, where the
+    backward pass leaves a core idle, next to it)."""
+    return _tapped(module, name, lambda g, _: fn(g), grid, x)
 
 
 def activation(module: nn.Module, name: str, x: jax.Array) -> jax.Array:

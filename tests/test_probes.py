@@ -1,6 +1,7 @@
 """The probed step: same parameters as the plain step, site coverage, sharded == one device, and the
 in-step statistics of a real dumped tensor against float64 numpy/scipy."""
 
+import dataclasses
 import functools
 
 import jax
@@ -75,6 +76,20 @@ def test_probed_step_gives_the_same_parameters_as_the_plain_step(case):
     i = index["count"].index("layer_01/resid/out")
     assert captured["count"][i] == cfg.data.batch_size * cfg.data.seq_len * cfg.model.d_model
     assert captured["exp_hist"][i].sum() == captured["count"][i]
+
+
+def test_statistics_computed_in_place_equal_the_deferred_ones(monkeypatch):
+    """On an accelerator the sampled grids' statistics run in place, in the forward pass (no
+    `deferred` tap): the same statistics, the same sites, the same new state."""
+    _, probed, captured, index, _ = _stepped("scan")
+    in_place = lambda spec, platform: dataclasses.replace(spec, chunk=stats_lib.CHUNK, defer=False)
+    monkeypatch.setattr(ProbeSpec, "for_platform", in_place)
+    _, probed_here, captured_here, index_here, _ = _step_both(_case_config("scan"), jax.devices()[:1])
+    assert index_here == index and any(s.endswith("/lowprec") for s in index["gemm/e4m3/er/rel_err"])
+    for a, b in zip(jax.tree.leaves(probed), jax.tree.leaves(probed_here), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    for stat, value in captured.items():
+        np.testing.assert_allclose(captured_here[stat], value, rtol=1e-6, atol=1e-7, err_msg=stat)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -106,11 +106,14 @@ def grad_tap(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
     return _tapped(module, name, lambda seed, g: spec.summary(g, seed), seed_of(module.make_rng("probe")), x)
 
 
-def deferred(module: nn.Module, name: str, fn: Any, grid: Stats, x: jax.Array) -> jax.Array:
-    """Identity on x whose backward pass computes fn(grid) where dL/dx is ready (grad_taps/<name>):
-    statistics of the forward pass computed while the backward pass runs (on a CPU, where the
-    backward pass leaves a core idle, next to it)."""
-    return _tapped(module, name, lambda g, _: fn(g), grid, x)
+def deferred(module: nn.Module, name: str, fn: Any, grid: Stats, x: jax.Array) -> tuple[jax.Array, Stats]:
+    """(x, statistics): with `spec.defer`, x as an identity whose backward pass computes fn(grid) where
+    dL/dx is ready (as grad_taps/<name>; on a CPU, next to the backward pass, on the core it leaves
+    idle) and no statistics now; else x itself and fn(grid), to be sown with the site's others."""
+    spec: ProbeSpec = module.probe
+    if spec.defer:
+        return _tapped(module, name, lambda g, _: fn(g), grid, x), {}
+    return x, {} if spec.taps_only else fn(grid)
 
 
 def activation(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
@@ -126,10 +129,10 @@ def activation(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
         rows, stored = sample_indices(seed, x_.size // x_.shape[-1], spec.rows, ROWS)
         metrics, top = outlier_metrics(x_, spec.topk)
         grid = {"x": token_rows(x_, rows), "top": top}
-        x = deferred(module, name, lambda g: sampled_outlier_metrics(g["x"], g["top"]), grid, x)
+        x, now = deferred(module, name, lambda g: sampled_outlier_metrics(g["x"], g["top"]), grid, x)
     if not spec.taps_only:
         stats = spec.summary(x_, seed)
-        _sow(module, name, stats | (metrics | {"rows": stored} if "outliers" in spec.stats else {}))
+        _sow(module, name, stats | (metrics | now | {"rows": stored} if "outliers" in spec.stats else {}))
         if spec.dumps(site):
             module.sow("dumps", f"{name}/dump", {"x": x})
     return grad_tap(module, f"{name}/grad", x) if spec.grads else x
@@ -181,10 +184,10 @@ def matmul(
     /R and /lowprec are computed on a grid of C: `probes.rows` rows and `probes.cols` columns sampled
     uniformly (stored with them as "rows", indices into the rows of C flattened to (rows, m), and
     "cols", indices into its m columns), so their cost grows with neither the tokens nor the width
-    (a vocabulary, the keys); they are computed in the backward pass (`deferred`), and the indices
-    sown. The other parts cover the whole tensors. Returns c, gradient-tapped (<site>/out/grad) when
-    the spec asks for gradients. The site is the module path (+ `name`). Outlier metrics are left to
-    the activation sites.
+    (a vocabulary, the keys); on a CPU they are computed in the backward pass (`deferred`), the
+    indices sown now. The other parts cover the whole tensors. Returns c, gradient-tapped
+    (<site>/out/grad) when the spec asks for gradients. The site is the module path (+ `name`).
+    Outlier metrics are left to the activation sites.
     """
     spec: ProbeSpec | None = module.probe
     site = _site(module, name)
@@ -207,21 +210,21 @@ def matmul(
         per_group = take_cols
     sampled = {"rows": stored_rows, "cols": stored_cols}
     a_rows, w_cols = token_rows(a, rows), per_group(w)
+    now = {}  # the R and lowprec statistics when they are not deferred
     if "energy" in spec.stats:
         u, v = norms(a, w)  # a.shape[:-1], (m,) or (g, m)
         e_grid = u[jnp.unravel_index(rows, u.shape)][:, None] * per_row(per_group(v), rows.size)
         grid = {"c": token_rows(out, rows, None if all_cols else cols), "e": e_grid, "seed": seeds[4]}
-        c = deferred(module, prefix + "R", functools.partial(_correlation_stats, spec), grid, c)
+        c, now["R"] = deferred(module, prefix + "R", functools.partial(_correlation_stats, spec), grid, c)
     if "lowprec" in spec.stats:
         grid = {"a": a_rows, "w": w_cols, "amax": jnp.stack([absmax(a), absmax(w)])}
-        c = deferred(module, prefix + "lowprec", functools.partial(_lowprec_stats, spec), grid, c)
+        lowprec = functools.partial(_lowprec_stats, spec)
+        c, now["lowprec"] = deferred(module, prefix + "lowprec", lowprec, grid, c)
     if spec.taps_only:
         return grad_tap(module, f"{prefix}out/grad", c) if spec.grads else c
     parts = {"in": spec.summary(a, seeds[0])} if with_input else {}
     parts["out"] = spec.summary(out, seeds[1])
-    for part, group in (("R", "energy"), ("lowprec", "lowprec")):  # their indices; the statistics come
-        if group in spec.stats:  # with the backward pass
-            parts[part] = sampled
+    parts |= {part: sampled | stats for part, stats in now.items()}  # deferred: the indices only
     if "energy" in spec.stats:
         log_only = frozenset({"exp_hist"})  # the norms' moments and dynamic range
         parts["a_norm"], parts["w_norm"] = (

@@ -46,6 +46,7 @@ class ProbeSpec:
     r_bits: tuple[int, ...]
     e_frac_bits: tuple[int, ...]
     chunk: int = CHUNK  # elements per chunk of a large tensor (see `stats`; `for_platform` sets it)
+    defer: bool = True  # sampled-grid statistics in the backward pass (`capture.deferred`; on a CPU)
     dump_sites: tuple[str, ...] = ()  # set only in the step variant that runs on probes.dump_steps
     taps_only: bool = False  # only create the grad taps (the pass that learns their shapes)
 
@@ -53,15 +54,21 @@ class ProbeSpec:
     def from_config(cls, probes: ml_collections.ConfigDict) -> ProbeSpec:
         """The spec of `cfg.probes` (without dumps; see `with_dumps`)."""
         fields = [
-            f.name for f in dataclasses.fields(cls) if f.name not in ("chunk", "dump_sites", "taps_only")
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in ("chunk", "defer", "dump_sites", "taps_only")
         ]
         values = {name: probes[name] for name in fields}
         values = {k: tuple(v) if isinstance(v, tuple | list) else v for k, v in values.items()}
         return cls(**values | {"stats": frozenset(values["stats"])})
 
     def for_platform(self, platform: str) -> ProbeSpec:
-        """The same spec with the chunk size of statistics on devices of `platform` (cpu, gpu, tpu)."""
-        return dataclasses.replace(self, chunk=CHUNK if platform == "cpu" else ACCELERATOR_CHUNK)
+        """The same spec for devices of `platform` (cpu, gpu, tpu): the chunk size of statistics, and
+        whether the sampled-grid statistics run in the backward pass (on a CPU, whose backward pass
+        leaves a core idle; elsewhere they run in place, which holds no grid until the backward pass:
+        a v5e:8x8 pod's probed step needs 19.6 GiB per chip deferred, more than its 16)."""
+        cpu = platform == "cpu"
+        return dataclasses.replace(self, chunk=CHUNK if cpu else ACCELERATOR_CHUNK, defer=cpu)
 
     def with_dumps(self, dump_sites: tuple[str, ...]) -> ProbeSpec:
         """The same spec that also returns the full tensors of the sites matching `dump_sites`."""

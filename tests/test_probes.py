@@ -144,7 +144,7 @@ def test_gradient_tap_statistics_equal_those_of_dl_dx(monkeypatch):
     batch, rngs = _batch(cfg), {"probe": jax.random.key(0)}  # the probe key draws samples only
     model = Transformer(cfg.model).clone(probe=ProbeSpec.from_config(cfg.probes))
     monkeypatch.setattr(capture, "grad_tap", lambda module, name, x: module.perturb(name, x))
-    monkeypatch.setattr(capture, "deferred", lambda module, name, fn, grid, x: x)  # no grad_taps here
+    monkeypatch.setattr(capture, "deferred", lambda module, name, fn, grid, x: (x, fn(grid)))  # in place
     mutable = ["intermediates", "dumps"]
     apply = lambda: model.apply(
         {"params": before.params}, batch["inputs"], rngs=rngs, mutable=["perturbations", *mutable]

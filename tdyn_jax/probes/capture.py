@@ -5,7 +5,7 @@ and wants the site. Statistics go to the `intermediates` collection (one variabl
 tensors of dumped sites to `dumps`, and activation gradients come back as the gradient of a zero
 `grad_taps` variable whose cotangent is the statistics of dL/dx (a `custom_vjp` identity). The
 statistics of sampled grids (a matmul's R and low-precision parts, an activation's medians) come back
-the same way: computed in the backward pass, next to it (`deferred`).
+the same way on a CPU: computed in the backward pass, next to it (`deferred`).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import ml_dtypes
@@ -935,6 +936,22 @@ def test_lowprec_stats(grouped):
     assert er("exact", "r8") < er("exact", "r4") and er("e0", "r8") < er("e0", "r4")
     assert er("e3", "r8") < er("e0", "r8")
     assert er("exact", "r4s") < er("exact", "r4")  # R scaled to its own range uses its levels better
+
+
+def test_lowprec_stats_without_scalings_or_r_bits():
+    """Empty probes.scalings or probes.r_bits drop exactly the plain formats' gemm errors or the E/R
+    storage errors; every other statistic keeps its value."""
+    a, w, a_rows, w_rows = lowprec_rows(False)
+    amaxes = (np.abs(a).max(), np.abs(w).max())
+    full = to_np(lowprec_stats(a, w, a_rows, w_rows))
+    settings = dict(formats=(*FORMATS, "mxfp4"), scalings=SCALINGS, r_bits=R_BITS, e_frac_bits=E_FRAC_BITS)
+    both = to_np(lowprec.lowprec_stats(amaxes, a_rows, w_rows, **settings))
+    for empty, dropped in (("scalings", "gemm/(?!mxfp4)"), ("r_bits", "store/er/.*/rel_err")):
+        got = to_np(lowprec.lowprec_stats(amaxes, a_rows, w_rows, **settings | {empty: ()}))
+        assert set(got) == {k for k in both if not re.match(dropped, k)}, empty
+        assert "gemm/mxfp4/block/rel_err" in got and "store/er/e0/e_clamped" in got
+        for key, value in got.items():
+            np.testing.assert_allclose(value, (full | both)[key], rtol=1e-6, err_msg=key)
 
 
 quantize_blocks = jax.jit(lowprec.quantize_blocks, static_argnums=(1, 2))

@@ -218,7 +218,10 @@ def _format_stats(
     fmt: str,
     scalings: tuple[str, ...],
 ) -> dict[str, jax.Array]:
-    """The range losses and the error of C in format `fmt`, for all `scalings` at once."""
+    """The range losses and the error of C in format `fmt`, for all `scalings` at once (none for
+    no scalings)."""
+    if not scalings:
+        return {}
     (a_rows, w_cols), (a_zeros, w_zeros) = operands, zeros
     sa = _scales(amaxes[0], norms[0], a_rows, fmt, scalings, -1)
     sw = _scales(amaxes[1], norms[1], w_cols, fmt, scalings, -2)
@@ -294,10 +297,12 @@ def _store_er_stats(
     c: jax.Array, e: jax.Array, r_bits: tuple[int, ...], e_frac_bits: tuple[int, ...]
 ) -> dict[str, jax.Array]:
     """The error of the grid of C stored as E and R (see `lowprec_stats`), every pair of E and R codes
-    in one stacked product."""
+    in one stacked product (none without R codes: `r_bits` empty)."""
     out, e_codes = {}, {"exact": e}
     for f in e_frac_bits:
         e_codes[f"e{f}"], out[f"store/er/e{f}/e_clamped"] = log_quantize(e, f, E_BITS)
+    if not r_bits:
+        return out
     r = correlation(c, e)
     r_max = jnp.maximum(absmax(r), jnp.finfo(jnp.float32).tiny)
     r_codes = {}

@@ -142,6 +142,90 @@ def test_binned_fit_of_a_histogram_matches_scipy(family):
     )
 
 
+# Adam's second moment of an MLP kernel at step 0 of configs/small.py: a histogram that falls off
+# steeply from its lower edge (64 bins on [1.02e-19, 3.46e-7]; here in units of the bin width)
+NU_BINS = [*range(37), 38, 39, 42, 43, 44, 46, 55, 57, 58, 63]
+NU_COUNTS = [
+    123390,
+    11821,
+    4670,
+    2489,
+    1509,
+    946,
+    636,
+    436,
+    348,
+    248,
+    196,
+    138,
+    122,
+    101,
+    55,
+    60,
+    38,
+    51,
+    26,
+    21,
+    23,
+    16,
+    25,
+    13,
+    5,
+    8,
+    9,
+    4,
+    5,
+    7,
+    4,
+    5,
+    3,
+    6,
+    4,
+    1,
+    4,
+    1,
+    3,
+    2,
+    1,
+    1,
+    1,
+    1,
+    1,
+    1,
+    1,
+]
+
+
+def test_binned_fit_of_a_one_sided_histogram_is_a_true_maximum():
+    """On a histogram that only falls off, the likelihood of a fit is largest with the centre far
+    below the range (a Laplace's tail is then exactly exponential, a Gaussian's nearly): each fit
+    equals scipy's best binned log-likelihood from several starts (the Gaussian's supremum lies at the
+    end of a ridge that leaves the range: it stops within 0.005 nats per count of it), and never
+    exceeds it, as a fit whose range held no probability at all once did (mean log-likelihood 0)."""
+    counts = np.zeros(64)
+    counts[NU_BINS] = NU_COUNTS
+    edges = np.linspace(1.0248964e-19, 3.461324e-07, 65)
+    width = edges[1] - edges[0]
+    for family in fit.BINNED_FAMILIES:
+        dist = SCIPY[family]
+
+        def nll(theta, dist=dist):  # in the upper tail (sf): exact with the centre far below the range
+            sf = dist(edges[0] + theta[0] * width, np.exp(theta[1]) * width).sf(edges)
+            inside = sf[0] - sf[-1]
+            return (
+                -(counts * np.log(np.maximum(-np.diff(sf) / inside, 1e-300))).sum() if inside > 0 else np.inf
+            )
+
+        options = {"xatol": 1e-10, "fatol": 1e-10, "maxiter": 20_000}
+        starts = ([0.0, 0.0], [-2.0, 0.5], [1.0, 1.0], [0.0, -1.0])
+        best = min(scipy.optimize.minimize(nll, x, method="Nelder-Mead", options=options).fun for x in starts)
+        got = fit.fit_histogram(counts[None], edges[None], family)
+        want = -best / counts.sum()
+        assert got.mean_loglik[0] <= want + 1e-9, family
+        tol = 5e-3 if family == "gaussian" else 1e-9
+        np.testing.assert_allclose(got.mean_loglik[0], want, atol=tol, rtol=0, err_msg=family)
+
+
 def test_binned_fit_tells_the_families_apart():
     for family in fit.BINNED_FAMILIES:
         x = _samples(family, 1, 100_000, seed=8)[0]

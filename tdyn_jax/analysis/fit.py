@@ -254,19 +254,24 @@ def fit(samples: np.ndarray, family: str) -> Fit:
 
 
 BINNED_FAMILIES = ("gaussian", "logistic", "laplace")
+_MAX_BINNED_SCALE = 1e3  # standardised units: a binned fit that would go wider has no maximum (below)
 _P_FLOOR = 1e-300  # smallest bin probability: a far outlier bin costs at most -690 nats per count
+_MIN_INSIDE = 1e-100  # smallest probability of the histogram's range under a fit (see below)
 _H = 1e-4  # finite-difference step of the binned fits (standardised units)
 
 
 def _bin_probabilities(family: str, u: np.ndarray, mu: np.ndarray, s: np.ndarray) -> np.ndarray:
     """P(bin | the histogram's range) between standardised edges u (m, b+1); bins above the centre are
-    measured in the upper tail (1 - F(z) = F(-z) for these symmetric families), keeping far bins exact."""
+    measured in the upper tail (1 - F(z) = F(-z) for these symmetric families), keeping far bins exact.
+    nan where the range holds less than 1e-100 of the distribution (its centre far outside): there
+    every bin's mass underflows to the floor, which would make the likelihood a meaningless 0."""
     z = (u - mu[:, None]) / s[:, None]
     unit = np.tile([0.0, 1.0], (len(z), 1))
     below, above = cdf(family, z, unit), cdf(family, -z, unit)
     mass = np.where(z[:, :-1] > 0, above[:, :-1] - above[:, 1:], below[:, 1:] - below[:, :-1])
     inside = np.where(z[:, :1] > 0, above[:, :1] - above[:, -1:], below[:, -1:] - below[:, :1])
-    return np.maximum(mass, _P_FLOOR) / np.maximum(inside, _P_FLOOR)
+    p = np.maximum(mass, _P_FLOOR) / np.maximum(inside, _P_FLOOR)
+    return np.where(inside >= _MIN_INSIDE, p, np.nan)
 
 
 def _binned_derivs(family: str) -> Callable:
@@ -295,7 +300,11 @@ def fit_histogram(counts: np.ndarray, edges: np.ndarray, family: str) -> Fit:
     would hold few of its tail values. `mean_loglik` is per element of the binned likelihood, `ks` the
     largest |empirical - fitted| distribution function over the edges (a lower bound of the continuous
     statistic). Histograms with one occupied bin (e.g. a tensor of values far smaller than 1, whose
-    histogram range was widened) have no shape to fit: nan."""
+    histogram range was widened) have no shape to fit: nan. On a histogram that only falls off from
+    one edge (Adam's second moment) the likelihood may keep rising as the centre moves far outside
+    the range and the scale grows (on the range a Gaussian's far tail becomes an exponential decay):
+    the fit stops where the range would hold less than 1e-100 of the distribution, short of the
+    supremum, and is nan if its scale reaches 1000 spreads first."""
     if family not in BINNED_FAMILIES:
         raise ValueError(f"unknown binned family {family!r}: use one of {', '.join(BINNED_FAMILIES)}")
     c, e = np.asarray(counts, np.float64), np.asarray(edges, np.float64)
@@ -312,13 +321,16 @@ def fit_histogram(counts: np.ndarray, edges: np.ndarray, family: str) -> Fit:
         start = {"gaussian": 1.0, "logistic": np.sqrt(3) / np.pi, "laplace": 1 / np.sqrt(2)}[family]
         theta = np.stack([np.zeros(usable.sum()), np.full(usable.sum(), np.log(start))], axis=1)
         derivs = _binned_derivs(family)
-        theta = _ascend(derivs, u, c[usable], n[usable], theta, np.full(2, np.inf))
+        upper = np.array([np.inf, np.log(_MAX_BINNED_SCALE)])
+        theta = _ascend(derivs, u, c[usable], n[usable], theta, upper)
         mu, s = theta[:, 0], np.exp(theta[:, 1])
         params[usable] = np.stack([mean[usable] + spread[usable] * mu, spread[usable] * s], axis=1)
         ll[usable] = derivs(u, c[usable], n[usable], theta)[0]
         p = _bin_probabilities(family, u, mu, s)
         gap = np.cumsum(c[usable], axis=1) / n[usable, None] - np.cumsum(p, axis=1)
         ks[usable] = np.abs(gap).max(axis=1)
+        unbounded = np.flatnonzero(usable)[theta[:, 1] >= upper[1]]
+        params[unbounded], ll[unbounded], ks[unbounded] = np.nan, np.nan, np.nan
     total = n * ll
     return Fit(family, params, n, ll, 4 - 2 * total, 2 * np.log(np.maximum(n, 1)) - 2 * total, ks)
 

@@ -5,7 +5,8 @@ and wants the site. Statistics go to the `intermediates` collection (one variabl
 tensors of dumped sites to `dumps`, and activation gradients come back as the gradient of a zero
 `grad_taps` variable whose cotangent is the statistics of dL/dx (a `custom_vjp` identity). The
 statistics of sampled grids (a matmul's R and low-precision parts, an activation's medians) come back
-the same way on a CPU: computed in the backward pass, next to it (`deferred`).
+the same way on a CPU (`deferred`): they do not depend on the gradient, so XLA runs them as soon as
+the grid exists, outside the scanned layers' forward iterations.
 """
 
 from __future__ import annotations
@@ -107,9 +108,10 @@ def grad_tap(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
 
 
 def deferred(module: nn.Module, name: str, fn: Any, grid: Stats, x: jax.Array) -> tuple[jax.Array, Stats]:
-    """(x, statistics): with `spec.defer`, x as an identity whose backward pass computes fn(grid) where
-    dL/dx is ready (as grad_taps/<name>; on a CPU, next to the backward pass, on the core it leaves
-    idle) and no statistics now; else x itself and fn(grid), to be sown with the site's others."""
+    """(x, statistics): with `spec.defer`, x as an identity whose backward pass returns fn(grid) (as
+    grad_taps/<name>; it does not depend on dL/dx, so XLA may run it as soon as the grid exists, on a
+    CPU on the core the model leaves idle) and no statistics now; else x itself and fn(grid), to be
+    sown with the site's others."""
     spec: ProbeSpec = module.probe
     if spec.defer:
         return _tapped(module, name, lambda g, _: fn(g), grid, x), {}
@@ -184,7 +186,7 @@ def matmul(
     /R and /lowprec are computed on a grid of C: `probes.rows` rows and `probes.cols` columns sampled
     uniformly (stored with them as "rows", indices into the rows of C flattened to (rows, m), and
     "cols", indices into its m columns), so their cost grows with neither the tokens nor the width
-    (a vocabulary, the keys); on a CPU they are computed in the backward pass (`deferred`), the
+    (a vocabulary, the keys); on a CPU they go through the backward pass (`deferred`), the
     indices sown now. The other parts cover the whole tensors. Returns c, gradient-tapped
     (<site>/out/grad) when the spec asks for gradients. The site is the module path (+ `name`).
     Outlier metrics are left to the activation sites.

@@ -46,7 +46,7 @@ class ProbeSpec:
     r_bits: tuple[int, ...]
     e_frac_bits: tuple[int, ...]
     chunk: int = CHUNK  # elements per chunk of a large tensor (see `stats`; `for_platform` sets it)
-    defer: bool = True  # sampled-grid statistics in the backward pass (`capture.deferred`; on a CPU)
+    defer: bool = True  # sampled-grid statistics through the backward pass (`capture.deferred`; CPU)
     dump_sites: tuple[str, ...] = ()  # set only in the step variant that runs on probes.dump_steps
     taps_only: bool = False  # only create the grad taps (the pass that learns their shapes)
 
@@ -64,9 +64,10 @@ class ProbeSpec:
 
     def for_platform(self, platform: str) -> ProbeSpec:
         """The same spec for devices of `platform` (cpu, gpu, tpu): the chunk size of statistics, and
-        whether the sampled-grid statistics run in the backward pass (on a CPU, whose backward pass
-        leaves a core idle; elsewhere they run in place, which holds no grid until the backward pass:
-        a v5e:8x8 pod's probed step needs 19.6 GiB per chip deferred, more than its 16)."""
+        whether the sampled-grid statistics go through the backward pass (on a CPU, where they then
+        run outside the layers' forward iterations, on a core the model leaves idle; elsewhere they
+        run in place, which holds no grid until the backward pass: a v5e:8x8 pod's probed step needs
+        19.6 GiB per chip deferred, more than its 16)."""
         cpu = platform == "cpu"
         return dataclasses.replace(self, chunk=CHUNK if cpu else ACCELERATOR_CHUNK, defer=cpu)
 

@@ -67,10 +67,9 @@ def quantize(x: jax.Array, fmt: str, s: jax.Array, zeros: jax.Array | None = Non
     """(q, underflow, overflow): q = x / s rounded to the format (nearest, ties to even) and saturated
     to its largest magnitude, the format's codes (q * s approximates x); underflow = the fraction of
     nonzero x with q = 0; overflow = the fraction of all x whose x / s rounds beyond the largest
-    magnitude (those saturate). One cast of x;
-    both fractions from |x / s| against the format's thresholds (a comparison is cheaper than another
-    cast). `zeros`, the count of x == 0, may be given (it is the same for every format and scale).
-    Where s is 0 (a block scale that underflowed), q is 0."""
+    magnitude (those saturate). One cast of x; both fractions from |x / s| against the format's
+    thresholds (a comparison is cheaper than another cast). `zeros`, the count of x == 0, may be given
+    (it is the same for every format and scale). Where s is 0 (a block scale that underflowed), q is 0."""
     y = divide(x, s)
     _, _, beyond, to_zero = FORMATS[fmt]
     zeros = count(x == 0) if zeros is None else zeros

@@ -35,8 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 2000
     c.checkpoint.every = 1000
     # every site, every statistic but the two histograms: on a TPU their per-element bin index is
-    # written out as a full int32 array at each site, and the probed step then needs 17.9 GiB per chip
-    # (v5e: 16); without them 13.9 GiB (the plain step 7.6), compiled by benchmarks/tpu_compile.py
+    # written out as a full int32 array at each site, and the probed step then needs 14.4 GiB per chip
+    # (v5e: 16), too little margin; without them 11.4 GiB (the plain step 7.5), compiled by
+    # benchmarks/tpu_compile.py
     c.probes.stats = ("sample", "outliers", "energy", "lowprec")
     c.mesh.fsdp = 16
     c.mesh.distributed = "on"

@@ -66,8 +66,8 @@ class ProbeSpec:
         """The same spec for devices of `platform` (cpu, gpu, tpu): the chunk size of statistics, and
         whether the sampled-grid statistics go through the backward pass (on a CPU, where they then
         run outside the layers' forward iterations, on a core the model leaves idle; elsewhere they
-        run in place, which holds no grid until the backward pass: a v5e:8x8 pod's probed step needs
-        19.6 GiB per chip deferred, more than its 16)."""
+        run in place, which holds no grid until the backward pass: a v5e:8x8 pod's probed step needed
+        19.6 GiB per chip deferred in 0.12.0, more than its 16)."""
         cpu = platform == "cpu"
         return dataclasses.replace(self, chunk=CHUNK if cpu else ACCELERATOR_CHUNK, defer=cpu)
 

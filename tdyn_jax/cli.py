@@ -101,11 +101,34 @@ def quit_on_interrupt(
     signal.signal(signal.SIGINT, handler)
 
 
+def drop_closed_loop_callbacks() -> None:
+    """Makes the interpreter drop the "Event loop is closed" errors of Orbax reads abandoned by a
+    failed restore (a damaged checkpoint or probe chunk): Orbax closes its event loop as soon as one
+    read fails, and the reads still in flight then finish into the closed loop, each printing a
+    traceback after the one line that said what happened. Every other unraisable error still goes
+    to the default hook."""
+    default = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        error, trace = unraisable.exc_value, unraisable.exc_traceback
+        frames = []
+        while trace is not None:
+            frames.append(trace.tb_frame.f_code.co_name)
+            trace = trace.tb_next
+        closed = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        if not (closed and "call_soon_threadsafe" in frames):
+            default(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def run(main: Callable[[list[str]], int | None], flags_parser: Callable = parse_flags) -> None:
     """`app.run(main)` for an entry point: flag errors and the project's user errors as one line
-    (exit 2), library log lines left out, extra arguments refused, and Ctrl-C as one line with exit
-    code 130, no traceback (`quit_on_interrupt`; the train loop handles it itself)."""
+    (exit 2), library log lines left out, extra arguments refused, Ctrl-C as one line with exit
+    code 130, no traceback (`quit_on_interrupt`; the train loop handles it itself), and no stray
+    tracebacks after a damaged file (`drop_closed_loop_callbacks`)."""
     quit_on_interrupt()
+    drop_closed_loop_callbacks()
 
     def entry(argv: list[str]) -> int | None:
         refuse_extra_args(argv)

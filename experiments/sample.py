@@ -48,7 +48,7 @@ def main(_: list[str]) -> None:
     cfg.probes.enabled = False  # sampling needs only the model
     mesh = sharding.make_mesh(cfg, jax.devices()[:1])
     program = build(cfg, mesh)
-    ckpt = Checkpoints(workdir, cfg.checkpoint)
+    ckpt = Checkpoints(workdir, cfg.checkpoint, writer=False)  # the run may be training
     step = ckpt.latest_step()
     if step is None:
         ckpt.close()

@@ -1,7 +1,8 @@
-"""The run directory's config.json and the Orbax manager of the train-state checkpoints."""
+"""The run directory's lock and config.json, and the Orbax manager of the train-state checkpoints."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -59,6 +60,27 @@ def check_resume(workdir: Path, config: dict[str, Any]) -> None:
         )
 
 
+LOCK = ".lock"  # WORKDIR/.lock: an empty file, flocked by the run that trains in the directory
+
+
+def lock_workdir(workdir: Path) -> int:
+    """Takes the run directory's lock: an exclusive, non-blocking flock on WORKDIR/.lock (created
+    empty if missing), which goes with the process however it ends (kill -9 too): a crashed run
+    leaves nothing to clean up. Returns its descriptor (close it to release). Raises ConfigError if
+    another process holds it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"{workdir} is in use by another run (a process holds {workdir / LOCK}): "
+            "wait for it to end or pass another --workdir"
+        ) from None
+    return fd
+
+
 def write_config(workdir: Path, config: dict[str, Any]) -> None:
     """Writes WORKDIR/config.json (atomically; process 0)."""
     if jax.process_index() == 0:
@@ -71,14 +93,22 @@ def write_config(workdir: Path, config: dict[str, Any]) -> None:
 
 class Checkpoints:
     """Train-state checkpoints under WORKDIR/checkpoints: state, data iterator state, config and the
-    open log interval (what the next log line needs of the steps before the checkpoint)."""
+    open log interval (what the next log line needs of the steps before the checkpoint).
 
-    def __init__(self, workdir: Path, cfg: ml_collections.ConfigDict):
+    The writer (the run that trains) holds the run directory's lock (process 0, `lock_workdir`) until
+    `close`, and deletes partial saves left by a crash: two runs in one directory would interleave
+    their checkpoints, probe chunks and metrics, and each would delete the other's save in progress.
+    A reader (`writer=False`: sampling text from a run that may still be training) takes no lock and
+    touches nothing."""
+
+    def __init__(self, workdir: Path, cfg: ml_collections.ConfigDict, writer: bool = True):
+        self.lock = lock_workdir(Path(workdir)) if writer and jax.process_index() == 0 else None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,
             enable_async_checkpointing=cfg.async_save,
-            cleanup_tmp_directories=True,
-            create=True,
+            cleanup_tmp_directories=writer,
+            create=writer,
+            read_only=not writer,
         )
         self.directory = Path(workdir).absolute() / "checkpoints"
         self.manager = ocp.CheckpointManager(
@@ -135,6 +165,11 @@ class Checkpoints:
         return self.manager.reached_preemption(step)
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for pending saves and releases the manager and the run directory's lock."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        finally:
+            if self.lock is not None:
+                os.close(self.lock)
+                self.lock = None

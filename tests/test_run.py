@@ -58,6 +58,46 @@ def test_end_to_end_then_rerun_resumes(tiny_run, tmp_path):
     assert list(load(extended).steps) == [0, 2, 5, 10, 15, 20, 25]
 
 
+def test_a_second_run_in_a_training_runs_directory_is_refused_and_sampling_it_is_not(tmp_path):
+    """While a run trains, a second run.py on its directory exits 2 with one line and changes nothing
+    of it; text can be sampled from it meanwhile; once the first is killed (its lock goes with it),
+    the directory resumes."""
+    import sys
+
+    w, log, steps = tmp_path / "run", tmp_path / "first.log", ["--config.checkpoint.every=10", PLAIN]
+    first = start_tiny(w, log, "--config.train.num_steps=100000", *steps)
+    try:
+        deadline = time.time() + 120
+        while not (w / "checkpoints" / "20").exists():
+            assert first.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        second = subprocess.run(  # without the lock it would train on: the timeout fails the test
+            run_cmd(w, "--config.train.num_steps=100000", *steps),
+            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        sampled = subprocess.run(
+            [sys.executable, "experiments/sample.py", f"--workdir={w}", "--prompt=ab", "--temperature=0"],
+            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert first.poll() is None, log.read_text()[-3000:]  # still training, undisturbed
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    (line,) = [x for x in second.stderr.splitlines() if x.strip()]
+    assert line == (
+        f"error: {w} is in use by another run (a process holds {w / '.lock'}): "
+        "wait for it to end or pass another --workdir"
+    )
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert sampled.stdout.startswith("--- step ") and len(sampled.stdout.splitlines()[1]) > 0
+    saved = max(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit())
+    resumed = run_tiny(w, f"--config.train.num_steps={saved + 10}", *steps)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from step {saved}" in resumed.stderr
+    assert [r["step"] for r in metric_rows(w)][-1] == saved + 10
+
+
 def test_kill_and_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     steps = ["--config.train.num_steps=1000", "--config.checkpoint.every=50", "--config.checkpoint.keep=2"]
     steps += ["--config.probes.every=50"]  # tiny's sites: the session's compiled probed step

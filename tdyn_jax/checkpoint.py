@@ -38,11 +38,13 @@ def saved_config_path(workdir: Path) -> Path | None:
 
 def check_resume(workdir: Path, config: dict[str, Any]) -> None:
     """Raises ConfigError if `workdir` holds a run saved with a config that forbids resuming it with
-    `config` (reads only: run before compiling anything). Without config.json, the config saved with
-    the newest checkpoint decides."""
+    `config`, or cannot be created or written where it would be (reads only: run before compiling
+    anything). Without config.json, the config saved with the newest checkpoint decides."""
     existing = next(p for p in (workdir, *workdir.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise ConfigError(f"workdir {workdir}: {existing} is a file, not a directory; pass another --workdir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(_unwritable(workdir, f"{existing} is not writable"))
     path = saved_config_path(workdir)
     if path is None:
         return
@@ -63,13 +65,20 @@ def check_resume(workdir: Path, config: dict[str, Any]) -> None:
 LOCK = ".lock"  # WORKDIR/.lock: an empty file, flocked by the run that trains in the directory
 
 
+def _unwritable(workdir: Path, reason: str) -> str:
+    return f"cannot write the run directory {workdir} ({reason}): pass a --workdir you can write to"
+
+
 def lock_workdir(workdir: Path) -> int:
     """Takes the run directory's lock: an exclusive, non-blocking flock on WORKDIR/.lock (created
     empty if missing), which goes with the process however it ends (kill -9 too): a crashed run
     leaves nothing to clean up. Returns its descriptor (close it to release). Raises ConfigError if
-    another process holds it."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    another process holds it or the directory cannot be written."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(_unwritable(workdir, unreadable_reason(e))) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -22,6 +22,7 @@ CASES = [
     ("run.py", [TINY, "--workdir={fresh}", "--config.seed=-1"], "seed=-1 must be an integer"),
     ("run.py", [TINY, "--workdir={file}"], "workdir {file}: {file} is a file"),
     ("run.py", [TINY, "--workdir={file}/sub"], "workdir {file}/sub: {file} is a file"),
+    ("run.py", [TINY, "--workdir=/proc/tdyn_run"], "cannot write the run directory /proc/tdyn_run ("),
     (
         "run.py",
         [TINY, "--workdir={fresh}", "--config.model.num_heads=3"],

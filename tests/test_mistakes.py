@@ -15,6 +15,7 @@ import pytest
 from conftest import ENV, ROOT, snapshot
 
 TINY = "--config=configs/tiny.py"
+PLAIN = "--config.probes.enabled=False"  # no probed step to trace before the mistake is found
 # (script, arguments, the start of what the error line says after "error: "); {run} is a finished
 # tiny run, {file} a regular file, {empty} an empty directory, {fresh} a path that does not exist.
 # A few config mistakes stand for all that `validate` catches (test_config.py checks each in-process).
@@ -22,7 +23,7 @@ CASES = [
     ("run.py", [TINY, "--workdir={fresh}", "--config.seed=-1"], "seed=-1 must be an integer"),
     ("run.py", [TINY, "--workdir={file}"], "workdir {file}: {file} is a file"),
     ("run.py", [TINY, "--workdir={file}/sub"], "workdir {file}/sub: {file} is a file"),
-    ("run.py", [TINY, "--workdir=/proc/tdyn_run"], "cannot write the run directory /proc/tdyn_run ("),
+    ("run.py", [TINY, "--workdir=/proc/tdyn_run", PLAIN], "cannot write the run directory /proc/tdyn_run ("),
     (
         "run.py",
         [TINY, "--workdir={fresh}", "--config.model.num_heads=3"],

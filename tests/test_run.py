@@ -59,9 +59,9 @@ def test_end_to_end_then_rerun_resumes(tiny_run, tmp_path):
 
 
 def test_a_second_run_in_a_training_runs_directory_is_refused_and_sampling_it_is_not(tmp_path):
-    """While a run trains, a second run.py on its directory exits 2 with one line and changes nothing
-    of it; text can be sampled from it meanwhile; once the first is killed (its lock goes with it),
-    the directory resumes."""
+    """While a run trains, a second run.py on its directory exits 2 with one line and leaves the first
+    training; text can be sampled from it meanwhile (a killed run's lock goes with it: see the kill
+    test, which resumes one)."""
     import sys
 
     w, log, steps = tmp_path / "run", tmp_path / "first.log", ["--config.checkpoint.every=10", PLAIN]
@@ -91,11 +91,6 @@ def test_a_second_run_in_a_training_runs_directory_is_refused_and_sampling_it_is
     )
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert sampled.stdout.startswith("--- step ") and len(sampled.stdout.splitlines()[1]) > 0
-    saved = max(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit())
-    resumed = run_tiny(w, f"--config.train.num_steps={saved + 10}", *steps)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"from step {saved}" in resumed.stderr
-    assert [r["step"] for r in metric_rows(w)][-1] == saved + 10
 
 
 def test_kill_and_resume_is_bitwise_equal_to_uninterrupted(tmp_path):

@@ -120,9 +120,13 @@ class Checkpoints:
             read_only=not writer,
         )
         self.directory = Path(workdir).absolute() / "checkpoints"
-        self.manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "data", "config", "log"), options=options
-        )
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, item_names=("state", "data", "config", "log"), options=options
+            )
+        except BaseException:
+            self._unlock()
+            raise
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step; partial (crashed) saves are not counted."""
@@ -179,6 +183,9 @@ class Checkpoints:
             self.manager.wait_until_finished()
             self.manager.close()
         finally:
-            if self.lock is not None:
-                os.close(self.lock)
-                self.lock = None
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -111,7 +112,7 @@ class Checkpoints:
     touches nothing."""
 
     def __init__(self, workdir: Path, cfg: ml_collections.ConfigDict, writer: bool = True):
-        self.lock = lock_workdir(Path(workdir)) if writer and jax.process_index() == 0 else None
+        self.lock = self._lock(Path(workdir)) if writer else None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,
             enable_async_checkpointing=cfg.async_save,
@@ -184,6 +185,24 @@ class Checkpoints:
             self.manager.close()
         finally:
             self._unlock()
+
+    @staticmethod
+    def _lock(workdir: Path) -> int | None:
+        """`lock_workdir` on process 0, whose outcome every process learns: all of them raise if it
+        failed (rather than the others going on to wait for process 0 at the next barrier)."""
+        fd, error = None, None
+        if jax.process_index() == 0:
+            try:
+                fd = lock_workdir(workdir)
+            except ConfigError as e:
+                error = e
+        if jax.process_count() > 1:
+            locked = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+            if not locked and error is None:
+                error = ConfigError(f"process 0 could not lock the run directory {workdir}: see its error")
+        if error is not None:
+            raise error
+        return fd
 
     def _unlock(self) -> None:
         if self.lock is not None:

@@ -1,8 +1,9 @@
 """Every entry point, every mistake: one `error:` line, exit code 2, no traceback, nothing written.
 
-Each case runs its script in a directory of its own (a copy of the session's tiny run, a regular file,
-an empty directory, a path that does not exist), which must be byte for byte the same afterwards. The
-cases run in parallel, once, in a module fixture; each test reads its case's result.
+Each case runs its script (as `python SCRIPT ARGS` runs it, see `entry_points`) in a directory of its
+own (a copy of the session's tiny run, a regular file, an empty directory, a path that does not exist),
+which must be byte for byte the same afterwards. The cases run in parallel, once, in a module fixture;
+each test reads its case's result.
 """
 
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ENV, ROOT, snapshot
+from entry_points import run_script
 
 TINY = "--config=configs/tiny.py"
 PLAIN = "--config.probes.enabled=False"  # no probed step to trace before the mistake is found
@@ -90,7 +92,7 @@ CASES = [
 ]
 
 
-def _run_case(index: int, root: Path, run: Path) -> tuple[subprocess.CompletedProcess, dict, dict, dict]:
+def _run_case(index: int, root: Path, run: Path) -> tuple:
     case = root / f"case_{index:02d}"
     case.mkdir()
     script, args, _ = CASES[index]
@@ -100,10 +102,7 @@ def _run_case(index: int, root: Path, run: Path) -> tuple[subprocess.CompletedPr
     (case / "empty").mkdir()
     names = {k: str(case / k) for k in ("run", "file", "empty", "fresh")}
     before = snapshot(case)
-    done = subprocess.run(
-        [sys.executable, script, *(a.format(**names) for a in args)],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    done = run_script(script, [a.format(**names) for a in args], ROOT, ENV, timeout=600)
     return done, before, snapshot(case), names
 
 
@@ -131,3 +130,24 @@ def test_a_mistake_is_one_line_exit_2_and_changes_nothing(results, index):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), lines
     assert after == before  # nothing written, moved or deleted
+
+
+SCRIPTS = {  # what the forked run must report as `python SCRIPT` does
+    "raises": "import sys\nprint('out')\nraise ValueError('boom')\n",
+    "exits": "import atexit, sys\natexit.register(lambda: print('at exit', file=sys.stderr))\nsys.exit(3)\n",
+    "message": "import sys\nsys.exit('bad input')\n",
+    "argv": "import os, sys\nprint(sys.argv[1:], os.getcwd(), os.environ['MARK'], sys.path[0])\n",
+}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_forked_script_reports_what_python_reports(name, tmp_path):
+    script = tmp_path / f"{name}.py"
+    script.write_text(SCRIPTS[name])
+    env = ENV | {"MARK": "set"}
+    want = subprocess.run(
+        [sys.executable, str(script), "a b", "c"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    got = run_script(str(script), ["a b", "c"], tmp_path, env, timeout=60)
+    assert (got.returncode, got.stdout) == (want.returncode, want.stdout)
+    assert got.stderr == want.stderr

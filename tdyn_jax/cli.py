@@ -1,11 +1,13 @@
-"""What the command-line entry points share: a user mistake is one line on stderr and exit code 2,
-Ctrl-C one line and exit code 130, and the libraries' log lines stay out of the terminal."""
+"""What the command-line entry points share: a user mistake or a full disk is one line on stderr and
+exit code 2, Ctrl-C one line and exit code 130, and the libraries' log lines stay out of the terminal."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging as std_logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -48,11 +50,39 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+NO_SPACE = "No space left on device"  # strerror(ENOSPC), also in the messages of tensorstore's errors
+
+
+def no_space(error: BaseException) -> str | None:
+    """The file that a full disk kept `error` (or an error it was raised from) from writing: its path,
+    '' when the error names none, or None when the error is not that."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return error.filename or ""
+        if NO_SPACE in str(error):  # tensorstore (Orbax): 'Failed writing: "<path>": ... No space ...'
+            found = re.search(r'Failed writing: "([^"]+)"', str(error))
+            return found.group(1) if found else ""
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def full_disk(path: str) -> str:
+    """What an entry point says when the disk filled up writing `path` ('' if unknown)."""
+    where = f" writing {path}" if path else ""
+    return (
+        f"no space left on the device{where}: free space there and run the same command again (a "
+        "training run resumes from its newest complete checkpoint)"
+    )
+
+
 def _quiet_libraries(record: std_logging.LogRecord) -> bool:
     """Keeps the log to this package's lines, plus errors from libraries (all of theirs with
-    --verbosity=1 or more)."""
+    --verbosity=1 or more) except those of a full disk, which the entry point reports in one line."""
     if flags.FLAGS.verbosity > 0:
         return True
+    error = record.exc_info[1] if record.exc_info else None
+    if NO_SPACE in record.getMessage() or (error is not None and no_space(error) is not None):
+        return False
     return record.levelno >= std_logging.ERROR or "/tdyn_jax/" in record.pathname
 
 
@@ -123,8 +153,8 @@ def drop_closed_loop_callbacks() -> None:
 
 
 def run(main: Callable[[list[str]], int | None], flags_parser: Callable = parse_flags) -> None:
-    """`app.run(main)` for an entry point: flag errors and the project's user errors as one line
-    (exit 2), library log lines left out, extra arguments refused, Ctrl-C as one line with exit
+    """`app.run(main)` for an entry point: flag errors, the project's user errors and a full disk as
+    one line (exit 2), library log lines left out, extra arguments refused, Ctrl-C as one line with exit
     code 130, no traceback (`quit_on_interrupt`; the train loop handles it itself), and no stray
     tracebacks after a damaged file (`drop_closed_loop_callbacks`)."""
     quit_on_interrupt()
@@ -138,6 +168,9 @@ def run(main: Callable[[list[str]], int | None], flags_parser: Callable = parse_
         except Exception as e:
             if isinstance(e, user_errors()):
                 fail(str(e))
+            path = no_space(e)
+            if path is not None:
+                fail(full_disk(path))
             raise
 
     app.run(entry, flags_parser=flags_parser)

@@ -1,14 +1,17 @@
 """The failure paths: a run that diverges, damaged checkpoints, and what the user sees of each."""
 
+import errno
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from conftest import run_tiny, saved_params, snapshot
+from conftest import ENV, ROOT, run_cmd, run_tiny, saved_params, snapshot
 
+from tdyn_jax import cli
 from tdyn_jax.analysis import load
 
 PLAIN = "--config.probes.enabled=False"
@@ -144,8 +147,6 @@ def test_only_the_stray_reads_errors_are_dropped(monkeypatch):
     import asyncio
     import sys
     import types
-
-    from tdyn_jax import cli
 
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
@@ -311,3 +312,63 @@ def test_ctrl_c_while_starting_exits_130_quietly(tmp_path, delay):
     lines = [x for x in err.splitlines() if x.strip()]
     assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("interrupted (Ctrl-C)"), err
     assert not (w / "config.json").exists() and not (w / "metrics.jsonl").exists()
+
+
+# what tensorstore (under Orbax) raises when the disk is full, as a run on a full tmpfs printed it
+TENSORSTORE_FULL = (
+    'RESOURCE_EXHAUSTED: Error writing local file "/d/20.orbax-checkpoint-tmp/state/_sharding": '
+    'Failed writing: "/d/20.orbax-checkpoint-tmp/state/_sharding.__lock": Failed to write '
+    "1000 bytes to file 13: No space left on device [os_error_code='28']"
+)
+
+
+def test_a_full_disk_is_recognised_in_what_python_and_tensorstore_raise():
+    assert cli.no_space(OSError(errno.ENOSPC, "No space left on device", "/d/m.jsonl")) == "/d/m.jsonl"
+    assert cli.no_space(ValueError(TENSORSTORE_FULL)) == "/d/20.orbax-checkpoint-tmp/state/_sharding.__lock"
+    try:  # raised from it, as Orbax's futures re-raise
+        try:
+            raise ValueError(TENSORSTORE_FULL)
+        except ValueError as e:
+            raise RuntimeError("save failed") from e
+    except RuntimeError as chained:
+        assert cli.no_space(chained).endswith("_sharding.__lock")
+    for other in (OSError(errno.EACCES, "Permission denied", "/d"), ValueError("RESOURCE_EXHAUSTED: memory")):
+        assert cli.no_space(other) is None
+
+
+FULL_DISK = """set -e
+mount -t tmpfs -o size=64m tmpfs "$MNT"
+"$@" --config.train.num_steps=10 2> "$OUT/first.err"
+used=$(df -k --output=used "$MNT" | tail -1)
+mount -o remount,size=$((used + 64))k "$MNT"  # room for less than one more checkpoint
+set +e
+"$@" 2> "$OUT/full.err"; echo $? > "$OUT/full.rc"
+ls "$MNT/run/checkpoints" > "$OUT/full.ls"
+mount -o remount,size=64m "$MNT"
+"$@" 2> "$OUT/again.err"; echo $? > "$OUT/again.rc"
+ls "$MNT/run/checkpoints" > "$OUT/again.ls"
+"""
+
+
+def test_a_run_that_fills_its_disk_stops_with_one_line_and_resumes_once_there_is_room(tmp_path):
+    """On a small filesystem (a tmpfs in a user and mount namespace): the checkpoint after step 10 does
+    not fit; the run says so in one line (exit 2), keeps checkpoint 10, and the same command resumes
+    from it and finishes once there is room."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("a small filesystem needs user and mount namespaces (unshare -rm), not allowed here")
+    mnt, out = tmp_path / "mnt", tmp_path / "out"
+    mnt.mkdir(), out.mkdir()
+    command = run_cmd(mnt / "run", PLAIN, "--config.train.num_steps=20")
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", FULL_DISK, "sh", *command], cwd=ROOT, capture_output=True, text=True,
+        env=ENV | {"MNT": str(mnt), "OUT": str(out)}, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    read = lambda name: (out / name).read_text()
+    assert read("full.rc").strip() == "2" and "Traceback" not in read("full.err")
+    lines = [line for line in read("full.err").splitlines() if not re.match(r"I\d{4} ", line)]  # not its log
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: no space left on the device writing {mnt}/run/checkpoints/20.")
+    assert read("full.ls").split() == ["10", "20.orbax-checkpoint-tmp"]  # 10 intact, 20 partial
+    assert read("again.rc").strip() == "0" and "from step 10" in read("again.err")
+    assert read("again.ls").split() == ["10", "20"]

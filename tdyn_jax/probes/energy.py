@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from tdyn_jax.probes.stats import count
 
 
+@jax.jit
 def norms(a: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(u, v): the L2 norms of the rows of a (g, n) and of the columns of w (g, m)."""
     a, w = a.astype(jnp.float32), w.astype(jnp.float32)
@@ -27,6 +28,7 @@ def correlation(c: jax.Array, e: jax.Array) -> jax.Array:
     return jnp.where(e > 0, c.astype(jnp.float32) / jnp.where(e > 0, e, 1.0), 0.0)
 
 
+@jax.jit
 def energy_stats(u: jax.Array, v: jax.Array) -> dict[str, jax.Array]:
     """Moments of E over all g*n*m entries, exact from the norm vectors (E is rank one per group).
 
@@ -69,6 +71,7 @@ def energy_stats(u: jax.Array, v: jax.Array) -> dict[str, jax.Array]:
     }
 
 
+@jax.jit
 def log_split(c: jax.Array, e: jax.Array) -> dict[str, jax.Array]:
     """How much of the spread of log2|c| comes from E and how much from R, over entries of C and their
     energies E (same shape; in the probed step the sampled rows of C).

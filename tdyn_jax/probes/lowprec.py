@@ -6,6 +6,8 @@ precision (store/: C itself in those formats, or as E in a log code and R on k u
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -334,6 +336,7 @@ def _store_er_stats(
     return out
 
 
+@functools.partial(jax.jit, static_argnames=("formats", "scalings", "r_bits", "e_frac_bits"))
 def lowprec_stats(
     amaxes: tuple[jax.Array, jax.Array],
     a_rows: jax.Array,

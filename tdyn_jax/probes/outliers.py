@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -51,6 +53,7 @@ def token_rows(x: jax.Array, rows: jax.Array, cols: jax.Array | None = None) -> 
     return x[(*(t[:, None] for t in tokens), cols[None, :])]
 
 
+@functools.partial(jax.jit, static_argnames=("topk",))
 def outlier_metrics(x: jax.Array, topk: int) -> tuple[dict[str, jax.Array], jax.Array]:
     """(metrics, top): the outlier metrics of x (tokens..., d channels) that need every token, and the
     topk largest |x| (for massive_ratio, see `sampled_outlier_metrics`). The leading axes are tokens,
@@ -81,6 +84,7 @@ def outlier_metrics(x: jax.Array, topk: int) -> tuple[dict[str, jax.Array], jax.
     return metrics, top
 
 
+@jax.jit
 def sampled_outlier_metrics(rows: jax.Array, top: jax.Array) -> dict[str, jax.Array]:
     """The median-based outlier metrics, estimated on x at sampled tokens `rows` (r, d), with `top`
     the topk largest |x| over every token (see `outlier_metrics`):

@@ -14,6 +14,7 @@ TPU either would copy it), and the first axis, the batch that may be split over 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -354,6 +355,10 @@ def uniform_sample(x: jax.Array, seed: jax.Array, size: int) -> jax.Array:
     return x[index].astype(jnp.float32)
 
 
+_SETTINGS = ("groups", "exp_range", "lin_bins", "sample_size", "lin_range", "chunk", "finite")
+
+
+@functools.partial(jax.jit, static_argnames=_SETTINGS)
 def summary(
     x: jax.Array,
     seed: jax.Array,

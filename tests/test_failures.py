@@ -3,6 +3,7 @@
 import errno
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -86,7 +87,6 @@ def _overwrite(step_dir: Path) -> None:
 
 
 def _empty_dir(directory: Path) -> None:
-    import shutil
 
     for p in directory.iterdir():
         shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -169,7 +169,6 @@ def test_only_the_stray_reads_errors_are_dropped(monkeypatch):
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_restores(
     finished_plain_run, tmp_path, caplog, case
 ):
-    import shutil
 
     w = tmp_path / "run"
     shutil.copytree(finished_plain_run, w)
@@ -187,7 +186,6 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_restore
 def test_when_no_checkpoint_restores_the_run_stops_with_one_line_and_changes_nothing(
     finished_plain_run, tmp_path
 ):
-    import shutil
 
     w = tmp_path / "run"
     shutil.copytree(finished_plain_run, w)
@@ -202,7 +200,6 @@ def test_when_no_checkpoint_restores_the_run_stops_with_one_line_and_changes_not
 
 
 def test_a_run_resumes_past_a_damaged_checkpoint_and_cuts_its_logs_back(finished_plain_run, tmp_path):
-    import shutil
 
     w = tmp_path / "run"
     shutil.copytree(finished_plain_run, w)
@@ -231,7 +228,6 @@ def _truncate_file(path: Path) -> None:
 @STRAY_READS
 @pytest.mark.parametrize("case", PROBE_CORRUPTIONS)
 def test_an_unreadable_probe_chunk_is_skipped_with_one_warning(tiny_run, tmp_path, caplog, case):
-    import shutil
 
     from tdyn_jax.analysis import CapturesError
 
@@ -249,7 +245,6 @@ def test_an_unreadable_probe_chunk_is_skipped_with_one_warning(tiny_run, tmp_pat
 
 
 def test_the_report_of_a_run_with_an_unreadable_chunk_says_what_is_missing(tiny_run, tmp_path):
-    import shutil
 
     from conftest import ENV, ROOT
 
@@ -274,7 +269,6 @@ def test_the_report_of_a_run_with_an_unreadable_chunk_says_what_is_missing(tiny_
 
 
 def test_a_finished_run_whose_report_was_cut_short_writes_it_on_rerun(tiny_run, tmp_path):
-    import shutil
 
     w = tmp_path / "run"
     shutil.copytree(tiny_run[0], w)
@@ -354,10 +348,11 @@ def test_a_run_that_fills_its_disk_stops_with_one_line_and_resumes_once_there_is
     """On a small filesystem (a tmpfs in a user and mount namespace): the checkpoint after step 10 does
     not fit; the run says so in one line (exit 2), keeps checkpoint 10, and the same command resumes
     from it and finishes once there is room."""
-    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
-        pytest.skip("a small filesystem needs user and mount namespaces (unshare -rm), not allowed here")
     mnt, out = tmp_path / "mnt", tmp_path / "out"
     mnt.mkdir(), out.mkdir()
+    mount = ["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]
+    if shutil.which("unshare") is None or subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("needs a tmpfs in user and mount namespaces (unshare -rm), not allowed here")
     command = run_cmd(mnt / "run", PLAIN, "--config.train.num_steps=20")
     done = subprocess.run(
         ["unshare", "-rm", "sh", "-c", FULL_DISK, "sh", *command], cwd=ROOT, capture_output=True, text=True,

@@ -87,7 +87,6 @@ def _overwrite(step_dir: Path) -> None:
 
 
 def _empty_dir(directory: Path) -> None:
-
     for p in directory.iterdir():
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
@@ -169,7 +168,6 @@ def test_only_the_stray_reads_errors_are_dropped(monkeypatch):
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_restores(
     finished_plain_run, tmp_path, caplog, case
 ):
-
     w = tmp_path / "run"
     shutil.copytree(finished_plain_run, w)
     CORRUPTIONS[case](w / "checkpoints" / "20")
@@ -186,7 +184,6 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_restore
 def test_when_no_checkpoint_restores_the_run_stops_with_one_line_and_changes_nothing(
     finished_plain_run, tmp_path
 ):
-
     w = tmp_path / "run"
     shutil.copytree(finished_plain_run, w)
     for step in (10, 20):
@@ -228,7 +225,6 @@ def _truncate_file(path: Path) -> None:
 @STRAY_READS
 @pytest.mark.parametrize("case", PROBE_CORRUPTIONS)
 def test_an_unreadable_probe_chunk_is_skipped_with_one_warning(tiny_run, tmp_path, caplog, case):
-
     from tdyn_jax.analysis import CapturesError
 
     w = tmp_path / "run"
@@ -245,9 +241,6 @@ def test_an_unreadable_probe_chunk_is_skipped_with_one_warning(tiny_run, tmp_pat
 
 
 def test_the_report_of_a_run_with_an_unreadable_chunk_says_what_is_missing(tiny_run, tmp_path):
-
-    from conftest import ENV, ROOT
-
     w = tmp_path / "run"
     shutil.copytree(tiny_run[0], w)
     shutil.rmtree(w / "analysis")
@@ -269,7 +262,6 @@ def test_the_report_of_a_run_with_an_unreadable_chunk_says_what_is_missing(tiny_
 
 
 def test_a_finished_run_whose_report_was_cut_short_writes_it_on_rerun(tiny_run, tmp_path):
-
     w = tmp_path / "run"
     shutil.copytree(tiny_run[0], w)
     shutil.move(w / "analysis", w / "analysis.tmp")  # a kill while the report was written
